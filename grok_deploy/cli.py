@@ -1,0 +1,126 @@
+"""Command-line interface: thin argparse wrappers around the stage functions.
+
+Each command's handler lives beside its stage as `cli_<command>(args) -> int` and is imported
+lazily, so `grok-deploy --help` and `plan` start without importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# command -> (module, handler). Arguments are declared below, exactly as interface.md.
+HANDLERS = {
+    "make-tiny": ("grok_deploy.tiny", "cli_make_tiny"),
+    "inspect": ("grok_deploy.checkpoint", "cli_inspect"),
+    "generate": ("grok_deploy.generate", "cli_generate"),
+    "convert": ("grok_deploy.convert", "cli_convert"),
+    "check-shards": ("grok_deploy.check_shards", "cli_check_shards"),
+    "export-onnx": ("grok_deploy.export_onnx", "cli_export_onnx"),
+    "plan": ("grok_deploy.plan", "cli_plan"),
+    "run": ("grok_deploy.runner", "cli_run"),
+    "serve": ("grok_deploy.deploy", "cli_serve"),
+    "query": ("grok_deploy.client", "cli_query"),
+    "verify": ("grok_deploy.verify", "cli_verify"),
+    "bench": ("grok_deploy.client", "cli_bench"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grok-deploy", description="Grok-1 from released weights to a verified, served model.")
+    p.add_argument("--version", action="version", version=f"grok-deploy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("make-tiny", help="write a random model of a preset in the official checkpoint format")
+    s.add_argument("out")
+    s.add_argument("--preset", default="grok-1-tiny")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("inspect", help="list a checkpoint's tensors without loading them")
+    s.add_argument("ckpt")
+    s.add_argument("--preset", default=None, help="model preset, when the shapes do not identify one")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("generate", help="reference run of the PyTorch model on the original weights")
+    s.add_argument("ckpt")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=int, default=16)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--preset", default=None)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--logits", action="store_true", help="with --json: the full-vocabulary logits of each generated token")
+
+    s = sub.add_parser("convert", help="convert to a TensorRT-LLM checkpoint")
+    s.add_argument("ckpt")
+    s.add_argument("out")
+    s.add_argument("--tp", type=int, required=True)
+    s.add_argument("--moe-tp", type=int, default=None)
+    s.add_argument("--moe-ep", type=int, default=None)
+    s.add_argument("--pp", type=int, default=1)
+    s.add_argument("--quant", choices=["w8a16", "none"], default="w8a16")
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--preset", default=None)
+
+    s = sub.add_parser("check-shards", help="run the TensorRT-LLM rank files with torch.distributed and compare with the reference")
+    s.add_argument("trtllm_dir")
+    s.add_argument("--source", required=True)
+    s.add_argument("--prompt", default="The answer to life the universe and everything is of course")
+    s.add_argument("--max-tokens", type=int, default=8)
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("export-onnx", help="export an ONNX decoder with a KV cache")
+    s.add_argument("ckpt")
+    s.add_argument("out")
+    s.add_argument("--quant", choices=["none", "int8"], default="none")
+    s.add_argument("--preset", default=None)
+
+    for name, helptext in (("plan", "validate the pipeline; print stages, commands and per-GPU memory"),
+                           ("run", "run the pipeline, skipping stages whose inputs did not change"),
+                           ("serve", "start the Triton server in the foreground"),
+                           ("verify", "query the served model and compare with the reference"),
+                           ("bench", "streaming load over gRPC")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("pipeline", nargs="?", default="pipeline.yaml")
+        if name == "plan":
+            s.add_argument("--json", action="store_true")
+        if name == "run":
+            s.add_argument("--stages", default=None, help="comma-separated stage names")
+            s.add_argument("--force", action="store_true")
+            s.add_argument("--keep-serving", action="store_true")
+        if name in ("verify", "bench"):
+            s.add_argument("--url", default=None, help="HOST:PORT of a running server's gRPC endpoint")
+        if name == "bench":
+            s.add_argument("--concurrency", default="1,4,8")
+            s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("query", help="one request over gRPC to the ensemble model")
+    s.add_argument("text")
+    s.add_argument("--url", default="127.0.0.1:8001")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--stream", action="store_true")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, handler = HANDLERS[args.command]
+    try:
+        return int(getattr(importlib.import_module(module), handler)(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
