@@ -15,7 +15,7 @@ from .errors import UserError
 # command -> (module, handler). Arguments are declared below, exactly as interface.md.
 HANDLERS = {
     "make-tiny": ("grok_deploy.tiny", "cli_make_tiny"),
-    "inspect": ("grok_deploy.checkpoint", "cli_inspect"),
+    "inspect": ("grok_deploy.ckpt_info", "cli_inspect"),
     "generate": ("grok_deploy.generate", "cli_generate"),
     "convert": ("grok_deploy.convert", "cli_convert"),
     "check-shards": ("grok_deploy.check_shards", "cli_check_shards"),
@@ -29,10 +29,18 @@ HANDLERS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are user errors too: one `error:` line, exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="grok-deploy", description="Grok-1 from released weights to a verified, served model.")
+    p = _Parser(prog="grok-deploy", description="Grok-1 from released weights to a verified, served model.")
     p.add_argument("--version", action="version", version=f"grok-deploy {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("make-tiny", help="write a random model of a preset in the official checkpoint format")
     s.add_argument("out")
