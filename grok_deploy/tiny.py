@@ -38,12 +38,14 @@ def random_leaf(cfg: GrokConfig, path: str, index: int, seed: int):
     rng = np.random.default_rng([seed, index])
     shape = names.leaf_shape(cfg, path)
     if path == names.EMBEDDING:
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
-    if path == names.FINAL_NORM:  # spreads the logits so greedy choices are not near-ties
-        return (3.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32)
+        # small, so the residual stream is not dominated by the (tied) input embedding, which
+        # would make every greedy step repeat the last token
+        return (rng.standard_normal(shape) * 0.01).astype(np.float32)
+    if path == names.FINAL_NORM:  # spreads the logits (std ~2) so greedy choices are rarely near-ties
+        return (24.0 * (1.0 + 0.1 * rng.standard_normal(shape))).astype(np.float32)
     _, leaf = names.split_layer_path(path)
     if leaf.startswith("rms_norm"):
-        base = 0.5 if leaf in ("rms_norm_1/scale", "rms_norm_3/scale") else 1.0
+        base = 2.0 if leaf in ("rms_norm_1/scale", "rms_norm_3/scale") else 1.0
         return (base * (1.0 + 0.1 * rng.standard_normal(shape))).astype(np.float32)
     w = rng.standard_normal(shape, dtype=np.float32) * np.float32(_leaf_std(cfg, leaf))
     if leaf not in names.QUANTIZED_LEAVES:

@@ -1,0 +1,122 @@
+"""`preprocessing`: text -> token ids with Grok's SentencePiece model, loaded directly (no HF
+wrapper) and with NO BOS, as Grok's runner (triton-serving.md §2). Copied to preprocessing/1/model.py.
+
+Self-contained (numpy + sentencepiece): `tokenizer_dir` is relative to the model's folder.
+Prompts are right-padded with pad_id; word lists become [2, N] (ids, end offsets, -1 padded).
+"""
+import json
+import os
+
+import numpy as np
+import sentencepiece as spm
+import triton_python_backend_utils as pb_utils
+
+
+def truthy(value: str) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "t", "y")
+
+
+def texts(a) -> list:
+    return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in np.asarray(a).reshape(-1)]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = os.path.join(args["model_repository"], params["tokenizer_dir"])
+        self.sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+        self.add_bos = truthy(params.get("add_special_tokens", "false"))  # package writes false for Grok
+        self.vocab = self.sp.GetPieceSize()
+        self.end_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.end_id
+
+    def encode(self, text: str) -> list:
+        return ([self.sp.bos_id()] if self.add_bos else []) + list(self.sp.EncodeAsIds(text))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
+            except ValueError as e:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+        return responses
+
+    def _one(self, request) -> list:
+        def get(name):
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            return None if t is None else t.as_numpy()
+
+        queries = get("QUERY")
+        batch = queries.shape[0]
+        ids = [self.encode(t) for t in texts(queries)]
+        if any(not x for x in ids):
+            raise ValueError("text_input encodes to no tokens; send a non-empty prompt")
+        end = get("END_ID")
+        pad = get("PAD_ID")
+        end = np.full((batch, 1), self.end_id, np.int32) if end is None else end.astype(np.int32)
+        pad = np.full((batch, 1), self.pad_id, np.int32) if pad is None else pad.astype(np.int32)
+        out = {"INPUT_ID": self.padded(ids, pad), "REQUEST_INPUT_LEN": np.array([[len(x)] for x in ids], np.int32),
+               "REQUEST_OUTPUT_LEN": get("REQUEST_OUTPUT_LEN").astype(np.int32),
+               "BAD_WORDS_IDS": self.word_list(get("BAD_WORDS_DICT"), batch),
+               "STOP_WORDS_IDS": self.word_list(get("STOP_WORDS_DICT"), batch),
+               "EMBEDDING_BIAS": self.bias(get("EMBEDDING_BIAS_WORDS"), get("EMBEDDING_BIAS_WEIGHTS"), batch),
+               "OUT_END_ID": end, "OUT_PAD_ID": pad}
+        decoder = get("DECODER_QUERY")
+        if decoder is not None:
+            dec = [self.encode(t) for t in texts(decoder)]
+            out["DECODER_INPUT_ID"] = self.padded(dec, pad)
+            out["REQUEST_DECODER_INPUT_LEN"] = np.array([[len(x)] for x in dec], np.int32)
+        else:
+            out["DECODER_INPUT_ID"] = pad.copy()
+            out["REQUEST_DECODER_INPUT_LEN"] = np.ones((batch, 1), np.int32)
+        extra = get("PROMPT_TABLE_EXTRA_ID")
+        if extra is not None:  # ids >= vocab address the prompt table; others get 0
+            tab = out["INPUT_ID"]
+            out["OUT_PROMPT_TABLE_EXTRA_IDS"] = np.where(tab >= self.vocab, extra.reshape(batch, 1), 0).astype(np.uint64)
+        return [pb_utils.Tensor(k, v) for k, v in out.items()]
+
+    @staticmethod
+    def padded(rows: list, pad: np.ndarray) -> np.ndarray:
+        width = max(len(r) for r in rows)
+        out = np.empty((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            out[i] = pad[i, 0]
+            out[i, :len(r)] = r
+        return out
+
+    def word_list(self, words, batch: int) -> np.ndarray:
+        """[batch, 2, N]: row 0 the flat ids of every word, row 1 cumulative end offsets, -1 padded."""
+        if words is None:
+            return np.zeros((batch, 2, 0), np.int32)
+        flat, offsets = [], []
+        for row in words.reshape(batch, -1):
+            ids, ends = [], []
+            for w in texts(row):
+                if w:
+                    ids += list(self.sp.EncodeAsIds(w))
+                    ends.append(len(ids))
+            flat.append(ids)
+            offsets.append(ends)
+        n = max([len(f) for f in flat] + [1])
+        out = np.full((batch, 2, n), -1, np.int32)
+        out[:, 0] = 0
+        for i, (ids, ends) in enumerate(zip(flat, offsets)):
+            out[i, 0, :len(ids)] = ids
+            out[i, 1, :len(ends)] = ends
+        return out
+
+    def bias(self, words, weights, batch: int) -> np.ndarray:
+        if words is None or weights is None:
+            return np.zeros((batch, 0), np.float32)
+        words, weights = words.reshape(batch, -1), weights.reshape(batch, -1)
+        if words.shape != weights.shape:
+            raise ValueError(f"embedding_bias_words {list(words.shape)} and _weights {list(weights.shape)} differ")
+        out = np.zeros((batch, self.vocab), np.float32)
+        for i in range(batch):
+            for w, weight in zip(texts(words[i]), weights[i]):
+                for t in self.sp.EncodeAsIds(w) if w else []:
+                    out[i, t] += weight
+        return out

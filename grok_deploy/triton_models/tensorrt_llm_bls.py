@@ -1,0 +1,134 @@
+"""`tensorrt_llm_bls`: the ensemble's chain as BLS calls (triton-serving.md §6), with the
+ensemble's I/O. Copied to tensorrt_llm_bls/1/model.py; needs only numpy.
+
+preprocessing -> tensorrt_llm (exec(decoupled=True), `streaming` from the client's `stream`)
+-> postprocessing per response. With accumulate_tokens, a stream re-decodes every id so far and
+sends only the new characters (held back while they end in an incomplete UTF-8 sequence), so the
+concatenated stream equals the non-streamed text: spaces and multi-byte characters survive.
+Each request runs on its own thread, so one instance serves many streams; decoupled, it sends
+each data response and then a flags-only FINAL (exactly one, also after errors).
+"""
+import json
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PRE = {"text_input": "QUERY", "decoder_text_input": "DECODER_QUERY", "max_tokens": "REQUEST_OUTPUT_LEN",
+       "bad_words": "BAD_WORDS_DICT", "stop_words": "STOP_WORDS_DICT",
+       "embedding_bias_words": "EMBEDDING_BIAS_WORDS", "embedding_bias_weights": "EMBEDDING_BIAS_WEIGHTS",
+       "end_id": "END_ID", "pad_id": "PAD_ID", "prompt_table_extra_id": "PROMPT_TABLE_EXTRA_ID"}
+PRE_TO_LLM = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "REQUEST_OUTPUT_LEN": "request_output_len",
+              "BAD_WORDS_IDS": "bad_words_list", "STOP_WORDS_IDS": "stop_words_list", "EMBEDDING_BIAS": "embedding_bias",
+              "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id", "OUT_PROMPT_TABLE_EXTRA_IDS": "prompt_table_extra_ids"}
+TO_LLM = {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "length_penalty": "len_penalty", "stream": "streaming",
+          **{n: n for n in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                            "min_tokens", "seed", "beam_width", "num_return_sequences", "exclude_input_in_output",
+                            "return_log_probs", "return_context_logits", "return_generation_logits",
+                            "prompt_embedding_table", "prompt_vocab_size", "lora_task_id", "lora_weights",
+                            "lora_config")}}
+PASS_THROUGH = ("cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index",
+                "sequence_index")
+
+
+class Failed(Exception):
+    def __init__(self, error):
+        super().__init__(error.message())
+        self.error = error
+
+
+def text_delta(text: str, sent: int, final: bool) -> tuple[str, int]:
+    """The part of `text` after its first `sent` characters that is safe to send now: a trailing
+    U+FFFD may be the start of a multi-byte character whose other bytes are still to come."""
+    end = len(text)
+    while not final and end > sent and text[end - 1] == "\ufffd":
+        end -= 1
+    return text[sent:end], max(end, sent)
+
+
+def call(model: str, tensors: dict, outputs: list) -> dict:
+    req = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs,
+                                    inputs=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+    resp = req.exec()
+    if resp.has_error():
+        raise Failed(resp.error())
+    return {t.name(): t.as_numpy() for t in resp.output_tensors()}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.accumulate = params.get("accumulate_tokens", "true").strip().lower() in ("1", "true", "yes")
+        self.llm = params.get("tensorrt_llm_model_name") or "tensorrt_llm"
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self._serve, args=(request,), daemon=True).start()
+        return None
+
+    def _serve(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            if self.decoupled:
+                for response in self._generate(request):
+                    sender.send(response)
+                sender.send(flags=FINAL)
+            else:  # one response, carrying FINAL
+                sender.send([*self._generate(request)][-1], flags=FINAL)
+        except Failed as e:
+            sender.send(pb_utils.InferenceResponse(error=e.error), flags=FINAL)
+        except Exception as e:  # noqa: BLE001 - the request fails, the model keeps serving
+            err = pb_utils.TritonError(f"tensorrt_llm_bls: {type(e).__name__}: {e}")
+            sender.send(pb_utils.InferenceResponse(error=err), flags=FINAL)
+
+    def _generate(self, request):
+        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+        if inputs["text_input"].shape[0] != 1:
+            raise Failed(pb_utils.TritonError("tensorrt_llm_bls takes one prompt per request (batch 1)",
+                                              pb_utils.TritonError.INVALID_ARG))
+        pre = call("preprocessing", {PRE[k]: v for k, v in inputs.items() if k in PRE},
+                   list(PRE_TO_LLM))
+        llm = {PRE_TO_LLM[k]: v for k, v in pre.items() if k in PRE_TO_LLM}
+        llm.update({TO_LLM[k]: v for k, v in inputs.items() if k in TO_LLM})
+        stream = bool(inputs["stream"].any()) if "stream" in inputs else False
+        req = pb_utils.InferenceRequest(model_name=self.llm, inputs=[pb_utils.Tensor(k, v) for k, v in llm.items()],
+                                        requested_output_names=["output_ids", "sequence_length", *PASS_THROUGH])
+        responses = req.exec(decoupled=True) if self.decoupled else [req.exec()]
+        tokens, sent, text = [], 0, ""
+        for resp in responses:
+            if request.is_cancelled():
+                getattr(responses, "cancel", lambda: None)()
+                return
+            if resp.has_error():
+                raise Failed(resp.error())
+            out = {t.name(): t.as_numpy() for t in resp.output_tensors()}
+            if "output_ids" not in out:
+                continue  # the flags-only FINAL
+            ids = out["output_ids"][0, 0, :int(out["sequence_length"].reshape(-1)[0])]
+            if stream and self.accumulate:
+                tokens += ids.tolist()
+                text = self.detokenize(tokens)
+                delta, sent = text_delta(text, sent, False)
+                if not delta:
+                    continue
+            else:
+                delta = self.detokenize(ids)
+            yield self.response(delta, out)
+        if stream and self.accumulate and sent < len(text):
+            yield self.response(text_delta(text, sent, True)[0], {})
+
+    @staticmethod
+    def detokenize(ids) -> str:
+        ids = np.asarray(ids, np.int32).reshape(1, 1, -1)
+        out = call("postprocessing", {"TOKENS_BATCH": ids, "SEQUENCE_LENGTH": np.array([[ids.shape[-1]]], np.int32)},
+                   ["OUTPUT"])
+        return out["OUTPUT"].reshape(-1)[0].decode("utf-8")
+
+    @staticmethod
+    def response(text: str, llm_out: dict):
+        tensors = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object))]
+        tensors += [pb_utils.Tensor(k, llm_out[k]) for k in PASS_THROUGH if k in llm_out]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
