@@ -56,6 +56,9 @@ class Engine(_Section):
     max_input_len: PosInt = 512
     max_seq_len: PosInt = 1024
     max_num_tokens: PosInt = 4096
+    # ONNX Runtime engine weights: "none" keeps the dequantised float32 weights (exact against
+    # the reference), "int8" stores them as 8-bit MatMulNBits (faster, verified by the int8 rule)
+    onnx_quant: Literal["none", "int8"] = "none"
     # trtllm-build options (trtllm-checkpoint.md §8)
     gpt_attention_plugin: Plugin = "auto"
     gemm_plugin: Plugin = "auto"

@@ -150,7 +150,7 @@ def commands(cfg: PipelineConfig) -> list[dict]:
                                      "--prompt", cfg.verify.shards_prompt, "--json"]))
     if cfg.engine.backend == "onnxruntime":
         out.append(("export-onnx", ["grok-deploy", "export-onnx", str(ckpt), str(cfg.output("onnx")),
-                                    "--quant", "int8" if cfg.quantization == "w8a16" else "none", "--preset", m]))
+                                    "--quant", cfg.engine.onnx_quant, "--preset", m]))
     else:
         out.append(("build", ["trtllm-build", *trtllm_build_args(cfg, trt, cfg.output("engines"))]))
     out.append(("deploy", tritonserver_argv(cfg)))

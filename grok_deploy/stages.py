@@ -114,7 +114,7 @@ def run_export_onnx(ctx: StageContext) -> dict:
     from . import progress
     from .export_onnx import export_onnx
 
-    return export_onnx(_checkpoint(ctx), ctx.out, quant="int8" if ctx.cfg.quantization == "w8a16" else "none",
+    return export_onnx(_checkpoint(ctx), ctx.out, quant=ctx.cfg.engine.onnx_quant,
                        preset=ctx.cfg.model.preset, progress=progress.enabled())
 
 
@@ -194,7 +194,7 @@ STAGES: list[Stage] = [
     Stage("check-shards", run_check_shards, keys=("verify.shards_prompt",), upstream=("source", "convert"),
           out=lambda c: c.output("reports") / "check_shards", applies=lambda c: c.verify.check_shards,
           reads_source=True),
-    Stage("export-onnx", run_export_onnx, keys=("quantization",), upstream=("source",),
+    Stage("export-onnx", run_export_onnx, keys=("engine.onnx_quant",), upstream=("source",),
           out=lambda c: c.output("onnx"), applies=_ort, reads_source=True),
     Stage("build", run_build, keys=lambda c: ORT_ENGINE_KEYS if _ort(c) else ("engine",),
           upstream=lambda c: ("export-onnx",) if _ort(c) else ("convert",), out=lambda c: c.output("engines")),
