@@ -137,7 +137,7 @@ def test_tiny_plan_text_and_cached_stages(tmp_path, capsys):
     assert f"grok-deploy make-tiny {tmp_path / 'export/source'} --preset grok-1-tiny --seed 0" in out
     assert "--tp 2 --moe-tp 2 --moe-ep 1 --pp 1 --quant w8a16" in out
     assert f"check-shards {tmp_path / 'export/trtllm_ckpt'} --source {tmp_path / 'export/source'}" in out
-    assert "export-onnx" in out and "--quant int8" in out and "mpirun" not in out
+    assert "export-onnx" in out and f"export-onnx {tmp_path / 'export/source'} {tmp_path / 'export/onnx'} --quant none" in out and "mpirun" not in out
     assert f"tritonserver --model-repository={tmp_path / 'triton_repo'}" in out
 
 
