@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import json, sys
+def rss():  # VmHWM: ru_maxrss would carry the parent's peak across fork + exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 from grok_deploy.checkpoint import open_checkpoint
 import numpy as np
 base = rss()

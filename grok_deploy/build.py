@@ -9,7 +9,7 @@ Without `tensorrt_llm`: a UserError with the exact command this stage would run.
 """
 from __future__ import annotations
 
-import hashlib
+
 import json
 import shlex
 import shutil
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import trtllm_names as tn
 from .errors import UserError
+from .manifest import sha256_file
 
 # engine options (pipeline.yaml `engine:`) and their defaults; each is the trtllm-build flag of
 # the same name, written in this order
@@ -149,13 +150,6 @@ def preprocess_checkpoint(src: Path, dst: Path, config: dict) -> int:
     return count
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str] | None = None) -> dict:
     """Build TensorRT-LLM engines from a converted checkpoint into `out`; returns the manifest.
@@ -202,11 +196,11 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
         shutil.rmtree(work, ignore_errors=True)
     manifest = {
         "produced_by": "grok-deploy build", "backend": "trtllm", "command": cmd, "engine_opts": opts,
-        "checkpoint": str(ckpt_dir.resolve()), "checkpoint_manifest_sha256": _sha256(ckpt_dir / "manifest.json"),
+        "checkpoint": str(ckpt_dir.resolve()), "checkpoint_manifest_sha256": sha256_file(ckpt_dir / "manifest.json"),
         "preprocessed_here": bool(needs_preprocessing), "mapping": config["mapping"],
         "tensorrt_llm_version": getattr(trtllm, "__version__", "unknown"), "gpu": _gpu(),
         "seconds": round(time.perf_counter() - t0, 2),
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                   for p in sorted(out.iterdir()) if p.is_file()},
     }
     from .convert import write_json_atomic

@@ -13,11 +13,13 @@ the float32 reference are the INT8_* constants below (tests/test_ort_engine.py).
 """
 from __future__ import annotations
 
-import hashlib
+
 import json
 import sys
 import time
 from pathlib import Path
+
+from .manifest import sha256_file
 
 QUANTS = ("none", "int8")
 BLOCK_SIZE = 64  # MatMulNBits block along K (a power of 2 >= 16); measured as fast as 32 at batch 1
@@ -71,13 +73,6 @@ class _Tracked:
         return arr
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def export_onnx(src, out, quant: str = "none", preset: str | None = None, progress: bool = True) -> dict:
     """Export checkpoint `src` as an ONNX decoder into folder `out`; returns the manifest."""
@@ -108,7 +103,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
         onnx.save(model, tmp / "model.onnx")
         del model
         onnx.checker.check_model(str(tmp / "model.onnx"))
-        files = {"model.onnx": {"bytes": (tmp / "model.onnx").stat().st_size, "sha256": _sha256(tmp / "model.onnx")},
+        files = {"model.onnx": {"bytes": (tmp / "model.onnx").stat().st_size, "sha256": sha256_file(tmp / "model.onnx")},
                  "model.onnx.data": {"bytes": (tmp / "model.onnx.data").stat().st_size}}
         manifest = {
             "stage": "export-onnx", "version": __version__, **(provenance or {}),

@@ -25,6 +25,15 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_manifest(folder: str | Path) -> dict | None:
     """The stage manifest of `folder`, or None when absent, unreadable or incomplete.
 
