@@ -139,3 +139,11 @@ def test_verify_fails_on_swapped_experts_naming_the_divergence(tmp_path, tiny_ck
     md = (tmp_path / "reports" / "verify.md").read_text()
     assert md.startswith("# Verification: FAILED") and f"token {pos} differs" in md and "expected:" in md
     assert lines[-1].startswith("verification FAILED")
+
+
+def test_streamed_ensemble_text_rule():
+    from grok_deploy.verify import text_equal
+
+    assert text_equal("ensemble-stream", "poleyes\ufffdpol", "pol eyes pol")
+    assert not text_equal("ensemble-stream", "poleyespol", "pol eyes pal")
+    assert not text_equal("ensemble", "poleyes pol", "pol eyes pol")
