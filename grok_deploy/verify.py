@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .verify_report import PromptResult, Tolerances, judge, write_reports
+from .verify_report import PromptResult, Tolerances, first_divergence, judge, write_reports
 
 REPORT_FILES = ("verify.json", "verify.md", "verify.png")
 
@@ -38,7 +38,7 @@ def verify_prompts(url: str, golden: dict, int8: bool, tol: Tolerances, echo=Non
         served = plain["output_ids"]
         ok, reason, div, diffs = judge(rec, served, plain.get("generation_logits"), int8, tol)
         if streamed["output_ids"] != served:
-            ok, reason = False, f"streamed ids differ from non-streamed at {_first_diff(streamed['output_ids'], served)}"
+            ok, reason = False, f"streamed ids differ from non-streamed at {first_divergence(streamed['output_ids'], served)}"
         texts = {"ensemble": query(url, rec["text"], n, stream=False, model="ensemble")["text"],
                  "ensemble-stream": query(url, rec["text"], n, stream=True, model="ensemble")["text"],
                  "bls-stream": query(url, rec["text"], n, stream=True, model="tensorrt_llm_bls")["text"]}
@@ -67,13 +67,6 @@ def text_equal(check: str, served: str, expected: str) -> bool:
     def strip(t: str) -> str:
         return "".join(ch for ch in t if not ch.isspace() and ch != "\ufffd")
     return strip(served) == strip(expected)
-
-
-def _first_diff(a, b) -> int:
-    from .verify_report import first_divergence
-
-    d = first_divergence(a, b)
-    return -1 if d is None else d
 
 
 def verify(cfg, url: str, reference_dir, out, echo=print) -> dict:
