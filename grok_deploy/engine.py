@@ -127,40 +127,23 @@ def engine_generate(eng: DecoderEngine, prompts: list[list[int]], max_new_tokens
     Every prompt is prefilled with `add`, then all sequences decode together with `step`.
     """
     import torch
-    from .generate import Generation, sample
+    from .generate import Generation, decode_loop
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if len(prompts) > eng.max_batch_size:
         raise EngineError(f"{len(prompts)} prompts for an engine of max_batch_size {eng.max_batch_size}")
     ids = [object() for _ in prompts]  # private sequence ids
-    generator = torch.Generator().manual_seed(seed)
-    out: list[list[int]] = [[] for _ in prompts]
-    kept: list[list[np.ndarray]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
     added = []
     try:
         rows = []
         for i, p in zip(ids, prompts):
             rows.append(eng.add(i, p))
             added.append(i)
-        step_logits = torch.from_numpy(np.stack(rows))
-        for step in range(max_new_tokens):
-            nxt = sample(step_logits, temperature, top_p, generator)
-            for b in range(len(prompts)):
-                if not done[b]:
-                    out[b].append(int(nxt[b]))
-                    if return_logits:
-                        kept[b].append(step_logits[b].numpy().copy())
-            if stop_at_eos:
-                done |= nxt == eos_id
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            step_logits = torch.from_numpy(eng.step(ids, nxt.tolist()))
+        out, logits = decode_loop(torch.from_numpy(np.stack(rows)),
+                                  lambda nxt: torch.from_numpy(eng.step(ids, nxt.tolist())),
+                                  max_new_tokens, temperature, top_p, seed, return_logits, stop_at_eos, eos_id)
     finally:
         for i in added:
             eng.remove(i)
-    logits = None
-    if return_logits:
-        logits = [np.stack(k) if k else np.zeros((0, eng.vocab_size), np.float32) for k in kept]
     return Generation([list(p) for p in prompts], out, logits)

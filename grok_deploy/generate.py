@@ -61,14 +61,33 @@ def generate(model: Grok, prompts: list[list[int]], max_new_tokens: int, tempera
     tokens = torch.full((b, t), cfg.pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    generator = torch.Generator().manual_seed(seed)
-
     logits = model(tokens, cache=cache, start=torch.zeros(b, dtype=torch.long))
-    step_logits = logits[torch.arange(b), lengths - 1]  # (B, V) last real position
     pos = lengths.clone()
+
+    def advance(nxt: Tensor) -> Tensor:
+        out = model(nxt[:, None], cache=cache, start=pos)[:, 0]
+        pos.add_(1)
+        return out
+
+    first = logits[torch.arange(b), lengths - 1]  # (B, V) last real position
+    out, kept = decode_loop(first, advance, max_new_tokens, temperature, top_p, seed, return_logits,
+                            stop_at_eos, cfg.eos_id)
+    return Generation([list(p) for p in prompts], out, kept)
+
+
+def decode_loop(first: Tensor, advance, max_new_tokens: int, temperature: float, top_p: float,
+                seed: int, return_logits: bool, stop_at_eos: bool, eos_id: int
+                ) -> tuple[list[list[int]], list[np.ndarray] | None]:
+    """The shared sampling loop: `first` (B, V) are the prefill logits, `advance(tokens (B,))`
+    returns the next step's (B, V). Returns the generated ids and, if asked, per sequence the
+    (N, V) logits that chose them. A sequence that emitted EOS keeps decoding (its tokens are
+    dropped) until all are done, as the batch steps together."""
+    b, vocab = first.shape
+    generator = torch.Generator().manual_seed(seed)
     out: list[list[int]] = [[] for _ in range(b)]
     kept: list[list[np.ndarray]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
+    step_logits = first
     for step in range(max_new_tokens):
         nxt = sample(step_logits, temperature, top_p, generator)
         for i in range(b):
@@ -77,14 +96,13 @@ def generate(model: Grok, prompts: list[list[int]], max_new_tokens: int, tempera
                 if return_logits:
                     kept[i].append(step_logits[i].numpy().copy())
         if stop_at_eos:
-            done |= nxt == cfg.eos_id
+            done |= nxt == eos_id
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        step_logits = model(nxt[:, None], cache=cache, start=pos)[:, 0]
-        pos += 1
-    return Generation([list(p) for p in prompts], out,
-                      [np.stack(k) if k else np.zeros((0, cfg.vocab_size), np.float32) for k in kept]
-                      if return_logits else None)
+        step_logits = advance(nxt)
+    if not return_logits:
+        return out, None
+    return out, [np.stack(k) if k else np.zeros((0, vocab), np.float32) for k in kept]
 
 
 def load_model(ckpt, dtype: str = "float32", progress: bool = False) -> Grok:
