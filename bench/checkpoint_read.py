@@ -25,7 +25,7 @@ CHILD = r"""
 import json, resource, sys
 import numpy as np
 from grok_deploy.checkpoint import open_checkpoint
-from grok_deploy.config import GrokConfig
+from grok_deploy.model.config import GrokConfig
 
 def status(key):  # Linux: VmHWM is this program's peak (ru_maxrss also counts the forking parent)
     try:
@@ -72,9 +72,9 @@ def write_bench_checkpoint(folder: Path, layers: int) -> int:
     import ml_dtypes
     import numpy as np
 
-    from grok_deploy import names
     from grok_deploy.checkpoint import QuantizedWeight8bit, write_checkpoint
-    from grok_deploy.config import GrokConfig
+    from grok_deploy.model import names
+    from grok_deploy.model.config import GrokConfig
 
     cfg = GrokConfig.from_name("grok-1-bench", num_layers=layers)
     rng = np.random.default_rng(0)

@@ -27,8 +27,8 @@ CFG = dict(name="grok-1-layer", vocab_size=1024, emb_size=6144, key_size=128, nu
            num_kv_heads=8, num_layers=1, widening_factor=8)
 CHILD = r"""
 import json, sys
-from grok_deploy.config import GrokConfig
-from grok_deploy.convert import convert
+from grok_deploy.model.config import GrokConfig
+from grok_deploy.trtllm.convert import convert
 a = json.loads(sys.argv[1])
 cfg = GrokConfig(**a.pop("cfg"))
 print(json.dumps(convert(a.pop("src"), a.pop("out"), preset=cfg, progress=False, **a)))
@@ -39,9 +39,10 @@ def make_layer(root: Path) -> int:
     """Write the one-layer checkpoint with the official writer; returns its bytes."""
     import ml_dtypes
     import numpy as np
-    from grok_deploy import names
+
     from grok_deploy.checkpoint import QuantizedWeight8bit, write_checkpoint
-    from grok_deploy.config import GrokConfig
+    from grok_deploy.model import names
+    from grok_deploy.model.config import GrokConfig
 
     cfg = GrokConfig(**CFG)
     rng = np.random.default_rng(0)

@@ -125,11 +125,12 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+
     from grok_deploy.checkpoint import open_checkpoint
-    from grok_deploy.export_onnx import export_onnx
-    from grok_deploy.generate import load_model
-    from grok_deploy.ort_engine import OrtEngine, build_engine, default_threads
-    from grok_deploy.tiny import make_tiny
+    from grok_deploy.checkpoint.tiny import make_tiny
+    from grok_deploy.model.generate import load_model
+    from grok_deploy.onnx.export import export_onnx
+    from grok_deploy.onnx.ort_engine import OrtEngine, build_engine, default_threads
 
     res: dict = {"threads": default_threads(), "tokens/s": {}, "loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="grok-onnx-bench-") as tmp:

@@ -28,7 +28,7 @@ import numpy as np
 base = rss()
 ckpt = open_checkpoint(sys.argv[2])
 if sys.argv[1] == "inspect":
-    from grok_deploy.ckpt_info import describe
+    from grok_deploy.checkpoint.info import describe
     n = len(describe(ckpt)["tensors"])
 else:
     n = 0
@@ -47,7 +47,8 @@ def peak_rss(mode: str, ckpt: Path) -> dict:
 
 def tokens_per_s(model, prompt: list[int], n: int, use_cache: bool) -> float:
     import torch
-    from grok_deploy.generate import generate
+
+    from grok_deploy.model.generate import generate
 
     if use_cache:
         t0 = time.perf_counter()
@@ -70,9 +71,10 @@ def main() -> None:
 
     import numpy as np
     import torch
+
     from grok_deploy.checkpoint import open_checkpoint
-    from grok_deploy.generate import load_model
-    from grok_deploy.tiny import make_tiny
+    from grok_deploy.checkpoint.tiny import make_tiny
+    from grok_deploy.model.generate import load_model
 
     with tempfile.TemporaryDirectory(prefix="grok-bench-") as tmp:
         ckpt_dir = args.ckpt

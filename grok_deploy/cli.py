@@ -1,6 +1,7 @@
 """Command-line interface: thin argparse wrappers around the stage functions.
 
-Each command's handler lives beside its stage as `cli_<command>(args) -> int` and is imported
+Each command's handler lives beside its stage as `cli_<command>(args) -> int` (the commands
+that read a pipeline.yaml in pipeline/) and is imported
 lazily, so `grok-deploy --help` and `plan` start without importing torch.
 """
 from __future__ import annotations
@@ -9,23 +10,23 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .errors import UserError
+from grok_deploy import __version__
+from grok_deploy.errors import UserError
 
 # command -> (module, handler). Arguments are declared below, exactly as interface.md.
 HANDLERS = {
-    "make-tiny": ("grok_deploy.tiny", "cli_make_tiny"),
-    "inspect": ("grok_deploy.ckpt_info", "cli_inspect"),
-    "generate": ("grok_deploy.generate", "cli_generate"),
-    "convert": ("grok_deploy.convert", "cli_convert"),
-    "check-shards": ("grok_deploy.check_shards", "cli_check_shards"),
-    "export-onnx": ("grok_deploy.export_onnx", "cli_export_onnx"),
-    "plan": ("grok_deploy.plan", "cli_plan"),
-    "run": ("grok_deploy.runner", "cli_run"),
-    "serve": ("grok_deploy.deploy", "cli_serve"),
-    "query": ("grok_deploy.client", "cli_query"),
-    "verify": ("grok_deploy.verify", "cli_verify"),
-    "bench": ("grok_deploy.client", "cli_bench"),
+    "make-tiny": ("grok_deploy.checkpoint.tiny", "cli_make_tiny"),
+    "inspect": ("grok_deploy.checkpoint.info", "cli_inspect"),
+    "generate": ("grok_deploy.verify.reference", "cli_generate"),
+    "convert": ("grok_deploy.trtllm.convert", "cli_convert"),
+    "check-shards": ("grok_deploy.trtllm.check_shards", "cli_check_shards"),
+    "export-onnx": ("grok_deploy.onnx.export", "cli_export_onnx"),
+    "plan": ("grok_deploy.pipeline.plan", "cli_plan"),
+    "run": ("grok_deploy.pipeline.runner", "cli_run"),
+    "serve": ("grok_deploy.pipeline.commands", "cli_serve"),
+    "query": ("grok_deploy.serving.client", "cli_query"),
+    "verify": ("grok_deploy.pipeline.commands", "cli_verify"),
+    "bench": ("grok_deploy.pipeline.commands", "cli_bench"),
 }
 
 

@@ -47,10 +47,10 @@ def read_manifest(folder: str | Path) -> dict | None:
     return doc if isinstance(meta, dict) and meta.get("complete") is True and meta.get("fingerprint") else None
 
 
-def write_json_atomic(path: Path, doc: dict) -> None:
+def write_json_atomic(path: Path, doc: dict, indent: int = 1) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
+        json.dump(doc, f, indent=indent, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

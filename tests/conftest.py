@@ -9,7 +9,7 @@ TEST_PROMPT = "The answer to life the universe and everything is of course"
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """grok-1-tiny, seed 0, official format (ckpt-0/ + tokenizer.model). Treat as read-only."""
-    from grok_deploy.tiny import make_tiny
+    from grok_deploy.checkpoint.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", "grok-1-tiny", seed=0, progress=False)
 
@@ -18,13 +18,13 @@ def tiny_ckpt(tmp_path_factory):
 def tiny_model(tiny_ckpt):
     """The float32 reference model on the tiny checkpoint's weights."""
     from grok_deploy.checkpoint import open_checkpoint
-    from grok_deploy.generate import load_model
+    from grok_deploy.model.generate import load_model
 
     return load_model(open_checkpoint(tiny_ckpt))
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_ckpt):
-    from grok_deploy.tokenizer import load_tokenizer
+    from grok_deploy.model.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_ckpt / "tokenizer.model")

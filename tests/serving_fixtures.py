@@ -33,8 +33,8 @@ def write_pipeline(folder: Path, extra: str = "") -> Path:
 
 def make_repo(folder: Path, ckpt: Path, engine_kind: str = "torch", engine_dir=None, extra: str = ""):
     """(cfg, repo) for the tiny checkpoint under `folder`."""
-    from grok_deploy.package import package
-    from grok_deploy.pipeline import load_pipeline
+    from grok_deploy.pipeline.schema import load_pipeline
+    from grok_deploy.serving.package import package
 
     cfg = load_pipeline(write_pipeline(folder, extra))
     repo = folder / "triton_repo"
@@ -43,7 +43,7 @@ def make_repo(folder: Path, ckpt: Path, engine_kind: str = "torch", engine_dir=N
 
 
 def start_server(cfg, repo):
-    from grok_deploy.deploy import TritonServer
+    from grok_deploy.serving.deploy import TritonServer
 
     server = TritonServer(cfg, repo, grpc_port=0, http_port=0, metrics_port=0,
                           startup_timeout_s=SERVER_TIMEOUT_S)

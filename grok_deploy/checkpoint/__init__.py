@@ -1,4 +1,6 @@
-"""Checkpoint readers and writers. Every reader yields the canonical layout of docs/ARCHITECTURE.md.
+"""The checkpoint room: readers of the official format and the Hugging Face port, the official
+format's writer and make-tiny, the pickle reader that never unpickles, and `inspect`. Every reader
+yields the canonical layout of docs/ARCHITECTURE.md. Imports the model room and the ground floor.
 
     ckpt = open_checkpoint(path, preset=None)
     ckpt.format, ckpt.config, ckpt.tokenizer_path
@@ -8,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import GrokConfig
-from ..errors import UserError
-from .base import Checkpoint, TensorInfo
-from .xai import CKPT_DIR, QuantizedWeight8bit, dequantize, quantize_blocks, write_checkpoint
+from grok_deploy.checkpoint.base import Checkpoint, TensorInfo
+from grok_deploy.checkpoint.xai import CKPT_DIR, QuantizedWeight8bit, dequantize, quantize_blocks, write_checkpoint
+from grok_deploy.errors import UserError
+from grok_deploy.model.config import GrokConfig
 
 __all__ = ["Checkpoint", "QuantizedWeight8bit", "TensorInfo", "dequantize", "open_checkpoint",
            "quantize_blocks", "write_checkpoint"]
@@ -41,9 +43,9 @@ def open_checkpoint(path, preset: str | GrokConfig | None = None) -> Checkpoint:
         raise UserError(f"{tokenizer}: missing; copy tokenizer.model from the root of the "
                         "xai-org/grok-1 repository next to the weights")
     if is_xai:
-        from .xai import open_xai
+        from grok_deploy.checkpoint.xai import open_xai
 
         return open_xai(path, tokenizer, preset)
-    from .hf import open_hf
+    from grok_deploy.checkpoint.hf import open_hf
 
     return open_hf(path, tokenizer, preset)

@@ -7,9 +7,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import names
-from ..config import PRESETS, GrokConfig
-from ..errors import UserError
+from grok_deploy.errors import UserError
+from grok_deploy.model import names
+from grok_deploy.model.config import PRESETS, GrokConfig
 
 # The sizes a reader measures from tensor shapes, in the order they are reported.
 DIMS = ("vocab_size", "emb_size", "num_layers", "q_size", "kv_size", "ffn_size")

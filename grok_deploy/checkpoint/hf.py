@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import names
-from ..config import GrokConfig
-from ..errors import UserError
-from .base import Checkpoint, TensorInfo, match_config
-from .pickle_io import BF16
+from grok_deploy.checkpoint.base import Checkpoint, TensorInfo, match_config
+from grok_deploy.checkpoint.pickle_io import BF16
+from grok_deploy.errors import UserError
+from grok_deploy.model import names
+from grok_deploy.model.config import GrokConfig
 
 # canonical path -> hpcai-tech name; per-layer names sit under `model.layers.{layer}.`
 HF_GLOBAL = {

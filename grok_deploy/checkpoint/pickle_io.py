@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..errors import UserError
+from grok_deploy.errors import UserError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 QW8_GLOBAL = ("__main__", "QuantizedWeight8bit")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import names
-from ..config import GrokConfig
-from ..errors import UserError
-from . import pickle_io
-from .base import Checkpoint, TensorInfo, match_config
-from .pickle_io import BF16, ArrayRef, QW8Ref
+from grok_deploy.checkpoint import pickle_io
+from grok_deploy.checkpoint.base import Checkpoint, TensorInfo, match_config
+from grok_deploy.checkpoint.pickle_io import BF16, ArrayRef, QW8Ref
+from grok_deploy.errors import UserError
+from grok_deploy.model import names
+from grok_deploy.model.config import GrokConfig
 
 CKPT_DIR = "ckpt-0"
 FILE_RE = re.compile(r"tensor(\d{5})_(\d{3})")
@@ -257,7 +257,7 @@ def write_checkpoint(out_dir, cfg: GrokConfig, leaves: Mapping | Iterable, progr
     done: set[str] = set()
     bar = contextlib.nullcontext()
     if progress:
-        from ..progress import Progress
+        from grok_deploy.progress import Progress
         bar = Progress(None, f"write {out}", total_items=len(order))
     with bar:
         for path, value in leaves.items() if isinstance(leaves, Mapping) else leaves:

@@ -1,0 +1,78 @@
+"""SentencePiece tokenizer: Grok's raw `tokenizer.model`, and the tiny one that make-tiny trains.
+
+Grok's runner calls `encode(prompt)`, which adds no BOS and no EOS; so does this wrapper.
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from grok_deploy.errors import UserError
+from grok_deploy.model.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+_WORDS = Path(__file__).with_name("data") / "words.txt"
+
+
+class Tokenizer:
+    """encode(text) -> ids without BOS/EOS; decode(ids) reassembles byte pieces into UTF-8."""
+
+    def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_bytes)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
+            raise UserError(f"{source}: not a SentencePiece model ({e}); pass the checkpoint's tokenizer.model") from None
+        self.vocab_size = self.sp.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.EncodeAsIds(text))
+
+    def decode(self, ids) -> str:
+        return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.IdToPiece(int(i))
+
+
+def load_tokenizer(path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: tokenizer not found; put tokenizer.model beside ckpt-0/ or set model.source.tokenizer")
+    return Tokenizer(path.read_bytes(), str(path))
+
+
+def tiny_corpus(seed: int, sentences: int = 4000) -> list[str]:
+    """Deterministic English-like text for training the tiny tokenizer (the words ship as data)."""
+    words = _WORDS.read_text(encoding="utf-8").split()
+    rng = random.Random(seed)
+    lines = ["The answer to life the universe and everything is of course 42.",
+             "Grok-1 is a mixture of 8 experts, and 2 of them are active for each token.",
+             "Naïve café résumé: ünïcödé text, 3.14159 and 2,718 — with émojis 🙂 too."]
+    for _ in range(sentences):
+        n = rng.randint(4, 16)
+        sent = " ".join(rng.choice(words) for _ in range(n))
+        if rng.random() < 0.2:
+            sent += f" {rng.randint(0, 9999)}"
+        lines.append(sent[0].upper() + sent[1:] + rng.choice(".!?,;"))
+    return lines
+
+
+def train_tiny_tokenizer(vocab_size: int, seed: int) -> bytes:
+    """A real SentencePiece BPE model with Grok's special ids and byte fallback; same seed, same bytes."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus(seed)), model_writer=out,
+        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+        pad_piece="[PAD]", bos_piece="[BOS]", eos_piece="[EOS]", unk_piece="[UNK]",
+        user_defined_symbols=["<|separator|>", "<|mask|>"],
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        max_sentence_length=4096, hard_vocab_limit=False,
+    )
+    return out.getvalue()

@@ -1,0 +1,73 @@
+"""The commands that take a pipeline.yaml and hand its sections to a stage: `serve`, `verify`, `bench`.
+
+They live here, not beside their stages, so that no stage imports pipeline code (the schema is
+the pipeline room's); `plan` and `run` are in plan.py and runner.py.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+from grok_deploy.errors import UserError
+from grok_deploy.pipeline.schema import load_pipeline
+from grok_deploy.serving.client import server_errors
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cli_serve(args) -> int:
+    """`grok-deploy serve [PIPELINE]`: the server in the foreground until Ctrl-C or SIGTERM."""
+    cfg = load_pipeline(args.pipeline)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the server on SIGTERM too
+    try:
+        from grok_deploy.serving.deploy import TritonServer
+
+        with TritonServer(cfg) as server:
+            print(f"serving {server.repo} (pid {server.pid}): gRPC {server.grpc_url}, HTTP {server.http_url}, "
+                  f"metrics {server.metrics_url}; log {server.log_path}; Ctrl-C to stop", flush=True)
+            code = server.wait()
+            raise UserError(f"tritonserver exited with code {code}; see {server.log_path}")
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 0
+
+
+def cli_verify(args) -> int:
+    from grok_deploy.verify.compare import verify
+
+    cfg = load_pipeline(args.pipeline)
+    ref = cfg.output("reference")
+    if not (ref / "manifest.json").is_file():
+        raise UserError(f"{ref}: no reference outputs; run `grok-deploy run {args.pipeline} --stages source,reference` first")
+    url = args.url or f"{cfg.server.address}:{cfg.server.grpc_port}"
+    res = verify(cfg, url, ref, cfg.output("reports") / "verify")
+    return 0 if res["passed"] else 1
+
+
+def _pair(d: dict) -> str:
+    return "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("p50", "p99"))
+
+
+@server_errors
+def cli_bench(args) -> int:
+    from grok_deploy.serving.client import bench
+
+    cfg = load_pipeline(args.pipeline)
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency {args.concurrency!r}: give comma-separated integers, e.g. 1,4,8") from None
+    if not levels or min(levels) <= 0:
+        raise UserError(f"--concurrency {args.concurrency!r}: every level must be a positive integer")
+    doc = bench(cfg, url=args.url, out=cfg.output("reports") / "bench", concurrency=levels)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"{'conc':>4} {'reqs':>5} {'ttft ms p50/p99':>17} {'itl ms p50/p99':>15} {'tok/s total':>12}")
+    for r in doc["results"]:
+        print(f"{r['concurrency']:>4} {r['requests']:>5} {_pair(r['ttft_ms']):>17} {_pair(r['itl_ms']):>15} "
+              f"{r['tokens_per_s']['total']:>12.1f}")
+    return 0

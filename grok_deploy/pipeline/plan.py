@@ -1,0 +1,204 @@
+"""`plan`: validate a pipeline, list the stages that would run, print the external commands, and
+estimate per-GPU memory and the decode roofline of the TensorRT-LLM engine.
+
+Weights per rank follow the checkpoint the converter writes (trtllm-checkpoint.md §3, §9): int8
+matrices with per-channel scales in the activation dtype (w8a16) or 16/32-bit matrices (none), an
+fp32 router and norms per layer, a full vocab_embedding copy on the first PP stage, ln_f and the
+lm_head shard [V/T, H] on the last.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+
+from grok_deploy.errors import UserError
+from grok_deploy.model.config import GrokConfig
+from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
+from grok_deploy.trtllm.build import trtllm_build_args
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+GB = 1e9
+
+
+def layer_bytes(m: GrokConfig, tp: int, moe_tp: int, moe_ep: int, quant: str, dtype: str) -> dict[str, int]:
+    """Bytes of one layer on one rank, by part; `expert` is one local expert's fc + proj slice."""
+    a = DTYPE_BYTES[dtype]
+    w, s = (1, a) if quant == "w8a16" else (a, 0)  # matrix element bytes, per-channel scale bytes
+    h, f_r = m.emb_size, m.ffn_size // moe_tp
+    qkv = (m.num_q_heads + 2 * m.num_kv_heads) * m.key_size // tp
+    return {
+        "qkv": h * qkv * w + qkv * s,
+        "dense": (m.q_size // tp) * h * w + h * s,
+        "expert": h * 2 * f_r * w + 2 * f_r * s + f_r * h * w + h * s,  # fc [H, 2I/Tm] + proj [I/Tm, H]
+        "local_experts": m.num_experts // moe_ep,
+        "router_norms": m.num_experts * h * 4 + 4 * h * a,             # fp32 router, 4 norms
+    }
+
+
+def weights_per_gpu(cfg: PipelineConfig) -> dict[str, int]:
+    """Weight bytes of the fullest rank, with its parts."""
+    m, p = cfg.grok, cfg.parallel
+    a = DTYPE_BYTES[cfg.dtype]
+    lb = layer_bytes(m, p.tp, p.moe_tp, p.moe_ep, cfg.quantization, cfg.dtype)
+    per_layer = lb["qkv"] + lb["dense"] + lb["local_experts"] * lb["expert"] + lb["router_norms"]
+    layers = per_layer * (m.num_layers // p.pp)
+    emb = m.vocab_size * m.emb_size * a                       # full copy (no parallel embedding)
+    head = (m.vocab_size // p.tp) * m.emb_size * a + m.emb_size * a  # lm_head shard + ln_f
+    first, last = layers + emb, layers + head
+    total = layers + emb + head if p.pp == 1 else max(first, last)
+    return {"per_layer": per_layer, "layers": layers, "vocab_embedding": emb, "lm_head_ln_f": head, "total": total}
+
+
+def kv_bytes_per_token(cfg: PipelineConfig) -> int:
+    """K and V of one token on one rank: local layers x 2 x local KV heads x head size x dtype."""
+    m, p = cfg.grok, cfg.parallel
+    return (m.num_layers // p.pp) * 2 * (m.num_kv_heads // p.tp) * m.key_size * DTYPE_BYTES[cfg.dtype]
+
+
+def active_bytes_per_token(cfg: PipelineConfig) -> int:
+    """Weight bytes one rank reads per decoded token, summed over the PP stages it passes through:
+    attention, router and norms, the top-k experts' slices it holds, one embedding row, lm_head."""
+    m, p = cfg.grok, cfg.parallel
+    lb = layer_bytes(m, p.tp, p.moe_tp, p.moe_ep, cfg.quantization, cfg.dtype)
+    experts = min(m.num_selected_experts, lb["local_experts"])  # worst rank holds all selected ones
+    per_layer = lb["qkv"] + lb["dense"] + lb["router_norms"] + experts * lb["expert"]
+    a = DTYPE_BYTES[cfg.dtype]
+    return m.num_layers * per_layer + m.emb_size * a + (m.vocab_size // p.tp) * m.emb_size * a
+
+
+def memory_estimate(cfg: PipelineConfig) -> dict:
+    """Per-GPU memory for max_batch_size x max_seq_len tokens of KV cache, and the fit verdict."""
+    e, hw = cfg.engine, cfg.hardware
+    w = weights_per_gpu(cfg)
+    kv_tok = kv_bytes_per_token(cfg)
+    tokens = e.max_batch_size * e.max_seq_len
+    kv, headroom, gpu = kv_tok * tokens, int(hw.headroom_gb * GB), int(hw.gpu_memory_gb * GB)
+    total = w["total"] + kv + headroom
+    fits = total <= gpu
+    label = "w8a16" if cfg.quantization == "w8a16" else f"{cfg.dtype} (no quantization)"
+    detail = (f"weights {w['total'] / GB:.1f} GB + KV cache {kv / GB:.1f} GB ({e.max_batch_size} x {e.max_seq_len} "
+              f"tokens x {kv_tok / 1024:.1f} KiB) + headroom {headroom / GB:.1f} GB = {total / GB:.1f} GB")
+    room = max(gpu - w["total"] - headroom, 0)
+    if fits:
+        verdict = f"{label} fits: {detail} <= {gpu / GB:.0f} GB per GPU"
+    else:
+        hint = (f"lower engine.max_batch_size or engine.max_seq_len (room for {room // kv_tok} tokens of KV cache)"
+                if room else "the weights alone do not fit: use quantization: w8a16 or more ranks")
+        verdict = (f"{label} does not fit with the KV cache asked for at tp {cfg.parallel.tp} x pp {cfg.parallel.pp}: "
+                   f"{detail} per GPU, more than hardware.gpu_memory_gb {hw.gpu_memory_gb:g} GB "
+                   f"({cfg.at('hardware.gpu_memory_gb')}); {hint}")
+    free = room * cfg.triton.kv_cache_free_gpu_mem_fraction
+    return {"weights_bytes": w["total"], "weights": w, "kv_bytes_per_token": kv_tok, "kv_tokens": tokens,
+            "kv_bytes": kv, "headroom_bytes": headroom, "total_bytes": total, "gpu_memory_bytes": gpu,
+            "kv_capacity_tokens": int(free // kv_tok) if kv_tok else None, "fits": fits, "verdict": verdict}
+
+
+def roofline(cfg: PipelineConfig) -> dict:
+    active = active_bytes_per_token(cfg)
+    bw = cfg.hardware.hbm_bandwidth_gbps * GB
+    return {"active_weight_bytes_per_token": active, "hbm_bandwidth_bytes_per_s": bw,
+            "tokens_per_s_upper_bound": bw / active}
+
+
+# --- external commands ----------------------------------------------------------------------
+
+def tritonserver_argv(cfg: PipelineConfig) -> list[str]:
+    """The server launch; TensorRT-LLM: one mpirun app context per rank, leader mode (triton-serving.md §9)."""
+    s = cfg.server
+    binary = "tritonserver" if s.binary == "auto" else str(cfg.resolve(s.binary))
+    common = [f"--model-repository={cfg.output('triton_repo')}", f"--grpc-port={s.grpc_port}",
+              f"--http-port={s.http_port}", f"--metrics-port={s.metrics_port}", f"--grpc-address={s.address}",
+              f"--http-address={s.address}", f"--metrics-address={s.address}", "--disable-auto-complete-config"]
+    if cfg.engine.backend != "trtllm":
+        return [binary, *common]
+    argv = ["mpirun", "--allow-run-as-root"]
+    for rank in range(cfg.world_size):
+        argv += ([":"] if rank else []) + ["-n", "1", binary, *common,
+                                           f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
+        if rank:
+            argv += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
+    return argv
+
+
+def commands(cfg: PipelineConfig) -> list[dict]:
+    """The commands each stage amounts to, runnable by hand: {"stage", "argv", "command"}."""
+    src, p, m = cfg.model.source, cfg.parallel, cfg.model.preset
+    ckpt = cfg.output("source") if src.format == "synthetic" else cfg.resolve(src.path)
+    trt = cfg.output("trtllm_ckpt")
+    out = []
+    if src.format == "synthetic":
+        out.append(("source", ["grok-deploy", "make-tiny", str(ckpt), "--preset", m, "--seed", str(src.seed)]))
+    out.append(("convert", ["grok-deploy", "convert", str(ckpt), str(trt), "--tp", str(p.tp), "--moe-tp", str(p.moe_tp),
+                            "--moe-ep", str(p.moe_ep), "--pp", str(p.pp), "--quant", cfg.quantization,
+                            "--dtype", cfg.dtype, "--preset", m]))
+    if cfg.verify.check_shards:
+        out.append(("check-shards", ["grok-deploy", "check-shards", str(trt), "--source", str(ckpt),
+                                     "--prompt", cfg.verify.shards_prompt, "--json"]))
+    if cfg.engine.backend == "onnxruntime":
+        out.append(("export-onnx", ["grok-deploy", "export-onnx", str(ckpt), str(cfg.output("onnx")),
+                                    "--quant", cfg.engine.onnx_quant, "--preset", m]))
+    else:
+        out.append(("build", ["trtllm-build", *trtllm_build_args(cfg.engine, cfg.dtype, trt, cfg.output("engines"))]))
+    out.append(("deploy", tritonserver_argv(cfg)))
+    docs = [{"stage": s, "argv": argv, "command": shlex.join(argv)} for s, argv in out]
+    for d in docs:
+        if d["stage"] == "build" and cfg.quantization == "w8a16":
+            d["note"] = ("first, on the GPU host, the build stage passes every int8 weight through TensorRT-LLM's "
+                         "torch.ops.trtllm.preprocess_weights_for_mixed_gemm (trtllm-checkpoint.md §5) into a copy "
+                         "of the checkpoint that --checkpoint_dir then names")
+    return docs
+
+
+# --- the command ----------------------------------------------------------------------------
+
+STATUS = {"run": "would run", "skip": "cached", "n/a": "not applicable"}
+
+
+def plan_doc(cfg: PipelineConfig) -> dict:
+    from grok_deploy.pipeline.runner import schedule
+
+    decisions, problems = schedule(cfg)
+    mem, roof = memory_estimate(cfg), roofline(cfg)
+    warnings = [f"{cfg.where(k)}: {path} does not exist; `run` needs it for the stages that read the source"
+                for k, path in cfg.missing_paths()] + problems
+    return {
+        "pipeline": str(cfg.file), "preset": cfg.model.preset, "backend": cfg.engine.backend,
+        "stages": [{"name": d.stage.name, "status": STATUS.get(d.action, d.action), "reason": d.reason,
+                    "output": str(d.out) if d.out else None, "fingerprint": d.fingerprint} for d in decisions],
+        "commands": commands(cfg),
+        "memory_per_gpu_bytes": mem["total_bytes"], "memory": mem, "fits": mem["fits"], "verdict": mem["verdict"],
+        "roofline": roof, "warnings": warnings,
+    }
+
+
+def render(doc: dict, cfg: PipelineConfig) -> str:
+    p, mem, roof = cfg.parallel, doc["memory"], doc["roofline"]
+    lines = [f"pipeline {doc['pipeline']}: {cfg.model.preset}, {cfg.model.source.format} source, tp {p.tp} "
+             f"(moe_tp {p.moe_tp} x moe_ep {p.moe_ep}) x pp {p.pp}, {cfg.quantization}, {cfg.dtype}, {cfg.engine.backend}",
+             "", "stages:"]
+    lines += [f"  {s['name']:<13} {s['status']:<15} {s['output'] or '-'}" for s in doc["stages"]]
+    lines += ["", "commands:"]
+    for c in doc["commands"]:
+        lines += ([f"  ({c['note']})"] if "note" in c else []) + [f"  [{c['stage']}] {c['command']}"]
+    w = mem["weights"]
+    lines += ["", f"memory per GPU ({'TensorRT-LLM engine' if cfg.engine.backend == 'trtllm' else 'if built with TensorRT-LLM'}):",
+              f"  weights          {w['total'] / 1e9:8.2f} GB  (layers {w['layers'] / 1e9:.2f}, "
+              f"embedding {w['vocab_embedding'] / 1e9:.2f}, lm_head + ln_f {w['lm_head_ln_f'] / 1e9:.2f})",
+              f"  KV cache         {mem['kv_bytes'] / 1e9:8.2f} GB  ({mem['kv_bytes_per_token']} B/token x {mem['kv_tokens']} tokens)",
+              f"  headroom         {mem['headroom_bytes'] / 1e9:8.2f} GB",
+              f"  total            {mem['total_bytes'] / 1e9:8.2f} GB  of {mem['gpu_memory_bytes'] / 1e9:.0f} GB; "
+              f"KV capacity ~{mem['kv_capacity_tokens']} tokens",
+              f"  {mem['verdict']}",
+              f"decode roofline: {roof['active_weight_bytes_per_token'] / 1e9:.3f} GB active weights per token per rank "
+              f"/ {roof['hbm_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> <= {roof['tokens_per_s_upper_bound']:.0f} tokens/s per sequence"]
+    lines += [f"warning: {w}" for w in doc["warnings"]]
+    return "\n".join(lines)
+
+
+def cli_plan(args) -> int:
+    cfg = load_pipeline(args.pipeline)
+    doc = plan_doc(cfg)
+    print(json.dumps(doc, indent=1) if args.json else render(doc, cfg))
+    if cfg.engine.backend == "trtllm" and not doc["fits"]:
+        raise UserError(doc["verdict"])
+    return 0

@@ -1,0 +1,226 @@
+"""The pipeline runner: sequences the stages of `stages.STAGES`, skipping those already done.
+
+A stage's fingerprint hashes its config keys, its upstream stages' fingerprints and the package
+version; a stage whose folder holds a complete manifest with that fingerprint is skipped. A stage
+that runs writes into a temporary folder that is renamed into place, manifest.json last.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from grok_deploy import __version__
+from grok_deploy.errors import UserError
+from grok_deploy.manifest import clean_stale, commit, fingerprint, folder_bytes, new_tmp, read_manifest
+from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
+from grok_deploy.pipeline.stages import STAGES, Stage, StageContext
+
+log = logging.getLogger("grok_deploy.pipeline.runner")
+
+
+@dataclass
+class Decision:
+    stage: Stage
+    action: str            # run | skip (cached) | n/a | not selected | not needed
+    reason: str
+    fingerprint: str | None
+    out: Path | None
+    manifest: dict | None  # the complete manifest whose fingerprint matches (the stage is done)
+
+
+def stage_fingerprint(cfg: PipelineConfig, st: Stage, upstream: dict[str, str | None]) -> str:
+    return fingerprint({"stage": st.name, "version": __version__,
+                        "inputs": {k: cfg.get(k) for k in st.keys_for(cfg)},
+                        "upstream": upstream, "extra": st.extra(cfg) if st.extra else None})
+
+
+def schedule(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
+             keep_serving: bool = False, table: list[Stage] | None = None) -> tuple[list[Decision], list[str]]:
+    """What a run would do, stage by stage, and the problems that would stop it (as messages)."""
+    table = STAGES if table is None else table
+    names = [s.name for s in table]
+    for n in only or []:
+        if n not in names:
+            raise UserError(f"--stages: unknown stage {n!r}; stages: {', '.join(names)}")
+    fps: dict[str, str | None] = {}
+    out: list[Decision] = []
+    for st in table:
+        if not st.applies(cfg):
+            fps[st.name] = None
+            out.append(Decision(st, "n/a", "not applicable to this pipeline", None, None, None))
+            continue
+        ups = [u for u in st.upstream_for(cfg) if fps.get(u)]
+        fp = fps[st.name] = stage_fingerprint(cfg, st, {u: fps[u] for u in ups})
+        folder = st.out(cfg) if st.out else None
+        m = read_manifest(folder) if st.cached and folder else None
+        done = m is not None and m["runner"]["fingerprint"] == fp
+        selected = st.name in only if only else not st.optional
+        if not st.cached:
+            action, why = "not needed", "not cached; starts when a later stage needs it"
+            if selected and (only or keep_serving):
+                action, why = "run", "selected" if only else "--keep-serving"
+        elif not selected:
+            action, why = "not selected", "done" if done else "not done"
+        elif force:
+            action, why = "run", "--force"
+        elif done:
+            action, why = "skip", "up to date"
+        else:
+            action, why = "run", "no complete manifest" if m is None else "inputs changed"
+        out.append(Decision(st, action, why, fp, folder, m if done else None))
+    by = {d.stage.name: d for d in out}
+    for d in reversed(out):  # uncached stages (a server) start when a running stage needs them
+        if d.action == "run":
+            for u in d.stage.upstream_for(cfg):
+                if u in by and not by[u].stage.cached and by[u].action == "not needed":
+                    by[u].action, by[u].reason = "run", f"needed by {d.stage.name}"
+    problems = []
+    for d in out:
+        if d.action != "run":
+            continue
+        for u in d.stage.upstream_for(cfg):
+            up = by.get(u)
+            if up and up.action not in ("run", "n/a") and up.manifest is None:
+                problems.append(f"stage {d.stage.name} needs {u}, which is not done for this configuration; "
+                                f"add it to --stages or run without --stages")
+    return out, problems
+
+
+@contextmanager
+def stage_log(path: Path):
+    """Send every log record (and warning) emitted during a stage to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def _run_one(cfg: PipelineConfig, d: Decision, manifests: dict, dirs: dict, stack: ExitStack, services: dict) -> dict:
+    st = d.stage
+    ups = [u for u in st.upstream_for(cfg) if u in manifests]
+    with stage_log(cfg.output("logs") / f"{st.name}.log"):
+        log.info("stage %s: %s (fingerprint %s)", st.name, d.reason, d.fingerprint)
+        tmp = None
+        if d.out:
+            clean_stale(d.out)
+            tmp = new_tmp(d.out)
+        ctx = StageContext(cfg, tmp, d.out, {u: manifests[u] for u in ups}, {u: dirs[u] for u in ups if u in dirs},
+                           stack, services, logging.getLogger(f"grok_deploy.stage.{st.name}"))
+        t0 = time.perf_counter()
+        try:
+            result = dict(st.run(ctx) or {})
+        except BaseException:
+            log.exception("stage %s failed", st.name)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - t0
+        passed = result.get("passed", True) is not False
+        meta = {"name": st.name, "fingerprint": d.fingerprint, "version": __version__,
+                "inputs": {k: cfg.get(k) for k in st.keys_for(cfg)},
+                "upstream": {u: manifests[u]["runner"]["fingerprint"] for u in ups},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3), "complete": True}
+        doc = {**result, "runner": meta}
+        if tmp is not None:
+            commit(tmp, d.out, doc, write=passed)
+            dirs[st.name] = d.out
+        log.info("stage %s %s in %.1f s", st.name, "done" if passed else "FAILED its check", seconds)
+    manifests[st.name] = doc
+    return doc
+
+
+def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
+                 keep_serving: bool = False, table: list[Stage] | None = None, echo=print) -> tuple[int, list[dict]]:
+    """Run the scheduled stages; returns (exit code, summary rows). Raises UserError on bad input."""
+    decisions, problems = schedule(cfg, only, force, keep_serving, table)
+    if problems:
+        raise UserError(problems[0])
+    if any(d.action == "run" and d.stage.reads_source for d in decisions):
+        for key, path in cfg.missing_paths():
+            raise cfg.fail(key, f"{path} does not exist")
+    manifests = {d.stage.name: d.manifest for d in decisions if d.manifest}  # done: cached or not selected
+    dirs = {d.stage.name: d.out for d in decisions if d.manifest}
+    rows, code, services = [], 0, {}
+    with ExitStack() as stack:
+        try:
+            for d in decisions:
+                row = {"stage": d.stage.name, "status": d.action, "seconds": None, "out": d.out}
+                rows.append(row)
+                if d.action != "run":
+                    row["status"] = {"skip": "skipped"}.get(d.action, d.action)
+                    continue
+                if code:
+                    row["status"] = "not run"
+                    continue
+                t0 = time.perf_counter()
+                row["status"] = "error"
+                print(f"[{d.stage.name}] running ({d.reason}); log in {cfg.output('logs') / d.stage.name}.log",
+                      file=sys.stderr, flush=True)
+                doc = _run_one(cfg, d, manifests, dirs, stack, services)
+                row["seconds"] = time.perf_counter() - t0
+                row["status"] = "done" if doc.get("passed", True) is not False else "FAILED"
+                code = 0 if row["status"] == "done" else 1
+        finally:
+            echo(summary(rows))
+        verdict = manifests.get("verify")
+        if verdict is not None and "passed" in verdict:
+            echo(f"verification: {'PASSED' if verdict['passed'] else 'FAILED'} "
+                 f"(report in {cfg.output('reports') / 'verify'})")
+        if keep_serving and "server" in services and code == 0:
+            _serve_until_interrupted(services, echo)
+    return code, rows
+
+
+def _serve_until_interrupted(services: dict, echo) -> None:
+    echo(f"serving on {services.get('url')} (gRPC); Ctrl-C to stop")
+    try:
+        wait = getattr(services["server"], "wait", None)
+        while True:
+            wait() if wait else time.sleep(3600)
+    except KeyboardInterrupt:
+        echo("stopping the server")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def summary(rows: list[dict]) -> str:
+    """The table printed at the end: stage, status, seconds, output size and folder."""
+    lines = [f"{'stage':<13} {'status':<13} {'seconds':>8}  {'size':>10}  output"]
+    for r in rows:
+        if r["status"] == "n/a":
+            continue
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
+        size = _size(folder_bytes(r["out"])) if r["out"] is not None and r["out"].exists() else "-"
+        lines.append(f"{r['stage']:<13} {r['status']:<13} {secs:>8}  {size:>10}  {r['out'] or '-'}")
+    return "\n".join(lines)
+
+
+def cli_run(args) -> int:
+    cfg = load_pipeline(args.pipeline)
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    code, _ = run_pipeline(cfg, only, force=args.force, keep_serving=getattr(args, "keep_serving", False))
+    return code

@@ -1,0 +1,343 @@
+"""pipeline.yaml: one typed schema, validated on load; every error names the key and its line.
+
+`load_pipeline(path)` parses the YAML keeping each key's line (from the node marks), validates
+the types with pydantic (unknown keys refused), then checks what types cannot: parallel sizes
+against the model preset, lengths, ports, plugins. Defaults live here and nowhere else.
+Relative paths are relative to the pipeline file's folder.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from grok_deploy.errors import UserError
+from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
+from grok_deploy.verify.report import Tolerances as _Tol
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Plugin = Literal["auto", "bfloat16", "float16", "float32", "disable"]  # auto: the pipeline's dtype
+SHARDS_PROMPT = "The answer to life the universe and everything is of course"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Source(_Section):
+    format: Literal["synthetic", "xai", "hf"] = "synthetic"
+    path: str | None = None          # xai: folder with ckpt-0/; hf: folder with *.safetensors
+    tokenizer: str | None = None     # default: the checkpoint's tokenizer.model
+    seed: int = 0                    # synthetic only
+
+
+class Model(_Section):
+    preset: str = DEFAULT_PRESET
+    source: Source = Source()
+
+
+class Parallel(_Section):
+    tp: PosInt = 1
+    pp: PosInt = 1
+    moe_tp: PosInt | None = None     # default tp // moe_ep
+    moe_ep: PosInt | None = None     # default 1
+
+
+class Engine(_Section):
+    backend: Literal["onnxruntime", "trtllm"] = "onnxruntime"
+    max_batch_size: PosInt = 8
+    max_input_len: PosInt = 512
+    max_seq_len: PosInt = 1024
+    max_num_tokens: PosInt = 4096
+    # ONNX Runtime engine weights: "none" keeps the dequantised float32 weights (exact against
+    # the reference), "int8" stores them as 8-bit MatMulNBits (faster, verified by the int8 rule)
+    onnx_quant: Literal["none", "int8"] = "none"
+    # trtllm-build options (trtllm-checkpoint.md §8)
+    gpt_attention_plugin: Plugin = "auto"
+    gemm_plugin: Plugin = "auto"
+    moe_plugin: Plugin = "auto"
+    paged_kv_cache: bool = True
+    remove_input_padding: bool = True
+    use_paged_context_fmha: bool = False  # 0.11-era kernels reject it with Grok's soft-cap
+    tokens_per_block: PosInt = 32
+    workers: PosInt = 1
+
+
+class Triton(_Section):
+    decoupled: bool = True
+    preprocessing_instance_count: PosInt = 1
+    postprocessing_instance_count: PosInt = 1
+    bls_instance_count: PosInt = 1
+    batching_strategy: Literal["inflight_fused_batching", "V1"] = "inflight_fused_batching"
+    kv_cache_free_gpu_mem_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_queue_delay_microseconds: Annotated[int, Field(ge=0)] = 0
+
+
+class Server(_Section):
+    address: str = "127.0.0.1"
+    grpc_port: Port = 8001
+    http_port: Port = 8000
+    metrics_port: Port = 8002
+    binary: str = "auto"             # or the path of a tritonserver executable
+    startup_timeout_s: PosFloat = 300.0
+
+
+class Hardware(_Section):
+    gpu_memory_gb: PosFloat = 80.0   # GB = 1e9 bytes
+    hbm_bandwidth_gbps: PosFloat = 3350.0
+    gpus_per_node: PosInt = 8
+    headroom_gb: Annotated[float, Field(ge=0)] = 4.3  # activations + workspace (~4 GiB, §9)
+
+
+class VerifyTolerances(_Section):
+    logit_tol: PosFloat = _Tol.logit_tol
+    int8_logit_tol: PosFloat = _Tol.int8_logit_tol
+    int8_tie_margin: Annotated[float, Field(ge=0)] = _Tol.int8_tie_margin
+
+
+class Verify(_Section):
+    prompts: Annotated[list[str], Field(min_length=1)] = [SHARDS_PROMPT]
+    max_tokens: PosInt = 16
+    reference_dtype: Literal["float32", "bfloat16"] = "float32"
+    check_shards: bool = True        # run the TensorRT-LLM checkpoint rank by rank (gloo)
+    shards_prompt: str = SHARDS_PROMPT
+    tolerances: VerifyTolerances = VerifyTolerances()
+
+
+class Outputs(_Section):
+    source: str = "export/source"
+    reference: str = "export/reference"
+    trtllm_ckpt: str = "export/trtllm_ckpt"
+    onnx: str = "export/onnx"
+    engines: str = "engines"         # engines/<backend>
+    triton_repo: str = "triton_repo"
+    reports: str = "export/reports"
+    logs: str = "export/logs"
+
+
+class PipelineConfig(_Section):
+    model: Model = Model()
+    parallel: Parallel = Parallel()
+    quantization: Literal["w8a16", "none"] = "w8a16"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    engine: Engine = Engine()
+    triton: Triton = Triton()
+    server: Server = Server()
+    hardware: Hardware = Hardware()
+    verify: Verify = Verify()
+    outputs: Outputs = Outputs()
+
+    _file: Path = PrivateAttr(default=Path("pipeline.yaml"))
+    _lines: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    @property
+    def root(self) -> Path:
+        return self._file.parent
+
+    @property
+    def grok(self) -> GrokConfig:
+        """The model preset's hyper-parameters."""
+        return PRESETS[self.model.preset]
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return Path(os.path.normpath(p if p.is_absolute() else self.root / p))
+
+    def output(self, name: str) -> Path:
+        """Folder of an `outputs:` entry; `engines` is per backend (engines/onnxruntime...)."""
+        out = self.resolve(getattr(self.outputs, name))
+        return out / self.engine.backend if name == "engines" else out
+
+    def get(self, key: str) -> Any:
+        """Value at a dotted key path, e.g. `engine.max_seq_len`."""
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+
+    def at(self, key: str) -> str:
+        """`pipeline.yaml line 12`: where a dotted key (or its closest written parent) is."""
+        loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+        return f"{self._file.name} line {line_of(self._lines, loc)}"
+
+    def where(self, key: str) -> str:
+        """`pipeline.yaml line 12: engine.max_seq_len` for messages."""
+        return f"{self.at(key)}: {key}"
+
+    def fail(self, key: str, message: str) -> UserError:
+        return UserError(f"{self.where(key)}: {message}")
+
+    def missing_paths(self) -> list[tuple[str, Path]]:
+        """(key, path) of the source paths that do not exist (`run` refuses, `plan` warns)."""
+        src = self.model.source
+        keys = (["model.source.path"] if src.format != "synthetic" else []) + (["model.source.tokenizer"] if src.tokenizer else [])
+        return [(k, self.resolve(self.get(k))) for k in keys if not self.resolve(self.get(k)).exists()]
+
+
+# --- YAML with line numbers ---------------------------------------------------------------
+
+def line_of(lines: dict, loc: tuple) -> int:
+    """Line of the longest prefix of `loc` that the file spells out (1 for the document)."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return lines.get((), 1)
+
+
+def _node_lines(node, path: tuple, lines: dict, file: Path) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value in node.value:
+            key = key_node.value
+            if key in seen:
+                raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
+                                f"{'.'.join(map(str, path + (key,)))}: duplicate key; keep one")
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _node_lines(value, path + (key,), lines, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _node_lines(item, path + (i,), lines, file)
+
+
+def read_yaml(file: Path) -> tuple[Any, dict]:
+    """The document and {key path tuple: 1-based line}."""
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise UserError(f"{file}: cannot read the pipeline file ({e.strerror}); pass an existing pipeline.yaml") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise UserError(f"{file.name} line {line}: YAML syntax: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+    lines: dict = {(): 1}
+    if node is not None:
+        _node_lines(node, (), lines, file)
+    return data, lines
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    cls: Any = PipelineConfig
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        cls = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _pydantic_message(err: dict) -> str:
+    loc = err["loc"]
+    if err["type"] == "extra_forbidden":
+        known = list((_model_at(loc[:-1]) or PipelineConfig).model_fields)
+        near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return f"unknown key; {hint}known keys here: {', '.join(known)}"
+    if err["type"] == "model_type":
+        return f"should be a mapping of keys (indented `key: value` lines), got {err.get('input')!r}"
+    return f"{err['msg']} (got {err.get('input')!r})"
+
+
+def load_pipeline(path: str | Path = "pipeline.yaml") -> PipelineConfig:
+    """Parse and validate a pipeline file; raises UserError naming the key and its line."""
+    file = Path(path).expanduser().resolve()
+    data, lines = read_yaml(file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{file.name} line 1: the pipeline must be a mapping of sections "
+                        f"(model:, parallel:, engine: ...), got a {type(data).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        errs = e.errors()
+        first = errs[0]
+        key = ".".join(map(str, first["loc"])) or "(document)"
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise UserError(f"{file.name} line {line_of(lines, tuple(first['loc']))}: {key}: "
+                        f"{_pydantic_message(first)}{more}") from None
+    cfg._file, cfg._lines = file, lines
+    check(cfg)
+    return cfg
+
+
+def parallel_problem(m: GrokConfig, tp: int, pp: int, moe_tp: int, moe_ep: int) -> tuple[str, str] | None:
+    """(key, message) of the first parallel layout the model cannot be split into, else None."""
+    rules = [
+        ("parallel.tp", m.num_kv_heads % tp, f"tp {tp} does not divide the {m.num_kv_heads} KV heads "
+         f"(each rank holds whole KV heads; duplication is unsupported)"),
+        ("parallel.tp", m.num_q_heads % tp, f"tp {tp} does not divide the {m.num_q_heads} query heads"),
+        ("parallel.tp", m.vocab_size % tp, f"tp {tp} does not divide the vocabulary {m.vocab_size} (lm_head shards)"),
+        ("parallel.moe_tp", moe_tp * moe_ep != tp, f"moe_tp {moe_tp} x moe_ep {moe_ep} = {moe_tp * moe_ep} must equal tp {tp}"),
+        ("parallel.moe_tp", m.ffn_size % moe_tp, f"moe_tp {moe_tp} does not divide the expert FFN width {m.ffn_size}"),
+        ("parallel.moe_ep", m.num_experts % moe_ep, f"moe_ep {moe_ep} does not divide the {m.num_experts} experts"),
+        ("parallel.pp", m.num_layers % pp, f"pp {pp} does not divide the {m.num_layers} layers"),
+    ]
+    return next(((k, msg) for k, bad, msg in rules if bad), None)
+
+
+def check(cfg: PipelineConfig) -> None:
+    """The checks types cannot express; fills moe_tp/moe_ep defaults."""
+    if cfg.model.preset not in PRESETS:
+        raise cfg.fail("model.preset", f"unknown preset {cfg.model.preset!r}; known: {', '.join(sorted(PRESETS))}")
+    m, par, eng, src = cfg.grok, cfg.parallel, cfg.engine, cfg.model.source
+    if src.format != "synthetic" and not src.path:
+        raise cfg.fail("model.source", f"format {src.format} needs `path:` (the checkpoint folder)")
+    if par.moe_ep is None:
+        par.moe_ep = par.tp // par.moe_tp if par.moe_tp and par.tp % par.moe_tp == 0 else 1
+    if par.moe_tp is None:
+        par.moe_tp = max(par.tp // par.moe_ep, 1)
+    bad = parallel_problem(m, par.tp, par.pp, par.moe_tp, par.moe_ep)
+    if bad:
+        raise cfg.fail(*bad)
+    if eng.max_input_len > eng.max_seq_len:
+        raise cfg.fail("engine.max_input_len", f"{eng.max_input_len} is larger than engine.max_seq_len {eng.max_seq_len}")
+    if eng.max_seq_len > m.sequence_len:
+        raise cfg.fail("engine.max_seq_len", f"{eng.max_seq_len} exceeds {m.name}'s {m.sequence_len} positions")
+    if cfg.verify.max_tokens >= eng.max_seq_len:
+        raise cfg.fail("verify.max_tokens", f"{cfg.verify.max_tokens} leaves no room for a prompt in engine.max_seq_len {eng.max_seq_len}")
+    if eng.backend == "trtllm":
+        if cfg.world_size > cfg.hardware.gpus_per_node:
+            raise cfg.fail("parallel.tp", f"tp x pp = {cfg.world_size} ranks exceeds hardware.gpus_per_node "
+                           f"{cfg.hardware.gpus_per_node}; multi-node serving is not supported")
+        if eng.moe_plugin == "disable" and cfg.quantization == "w8a16":
+            raise cfg.fail("engine.moe_plugin", "weight-only (w8a16) MoE needs the MoE plugin; use auto or bfloat16")
+        if eng.gpt_attention_plugin == "disable":
+            raise cfg.fail("engine.gpt_attention_plugin", "the attention plugin carries Grok's tanh soft-cap; it cannot be disabled")
+        if cfg.triton.batching_strategy != "V1" and not (eng.paged_kv_cache and eng.remove_input_padding):
+            raise cfg.fail("engine.paged_kv_cache", "in-flight batching needs paged_kv_cache and remove_input_padding")
+    ports = {"server.grpc_port": cfg.server.grpc_port, "server.http_port": cfg.server.http_port,
+             "server.metrics_port": cfg.server.metrics_port}
+    if len(set(ports.values())) < 3:
+        key = next(k for k in list(ports)[1:] if list(ports.values()).count(ports[k]) > 1)
+        raise cfg.fail(key, f"port {ports[key]} is used twice; the gRPC, HTTP and metrics ports must differ")
+    for i, prompt in enumerate(cfg.verify.prompts):
+        if not prompt.strip():
+            raise cfg.fail(f"verify.prompts.{i}", "empty prompt")

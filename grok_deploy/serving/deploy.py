@@ -1,0 +1,287 @@
+"""deploy stage: find `tritonserver`, run it as a context manager, build the multi-rank command.
+
+`TritonServer` starts the server in its own process group bound to 127.0.0.1 by default, logs
+to `export/logs/`, waits for /v2/health/ready with a deadline and, on failure, raises `UserError`
+with the cause (port in use, a model that fails to load) and the log tail. On exit it sends
+SIGTERM, waits, then kills the group; an atexit hook and the parent-death signal make sure no
+server outlives its Python process. triton-serving.md §9.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grok_deploy.errors import UserError
+
+EXIT_TIMEOUT_S = 10  # --exit-timeout-secs: in-flight requests get this long on SIGTERM
+BENIGN = ("CudaDriverHelper has not been initialized", "unable to create stream for ensemble")  # CPU hosts
+
+
+@dataclass
+class TritonBinary:
+    path: Path
+    env: dict = field(default_factory=dict)   # added to the environment (LD_LIBRARY_PATH, PATH)
+    backend_dir: Path | None = None           # --backend-directory (bundled server only)
+    source: str = "path"                      # "pipeline" | "path" | "pytriton"
+
+
+def _bundled() -> TritonBinary | None:
+    """The tritonserver of the nvidia-pytriton wheel, with the python stub of this interpreter
+    copied beside libtriton_python.so in a private copy of its backends (site-packages untouched)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.origin:
+        return None
+    dist = Path(spec.origin).parent / "tritonserver"
+    binary = dist / "bin" / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not binary.is_file() or not stub.is_file():
+        return None
+    backends = Path(sys.prefix) / "share" / "grok-deploy" / f"triton-backends-py{version}"
+    if not (backends / "python" / stub.name).is_file() or \
+            (backends / "python" / stub.name).stat().st_size != stub.stat().st_size:
+        tmp = backends.with_name(f"{backends.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(dist / "backends", tmp, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(stub, tmp / "python" / stub.name)
+        shutil.rmtree(backends, ignore_errors=True)
+        os.replace(tmp, backends)
+    libs = dist.parent.parent / "nvidia_pytriton.libs"
+    ld = os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))  # the stub's python
+    return TritonBinary(binary, {"LD_LIBRARY_PATH": ld, "PATH": path}, backends, "pytriton")
+
+
+def find_tritonserver(binary: str | None = "auto") -> TritonBinary:
+    """The pipeline's `server.binary` when set, else `tritonserver` on PATH, else the binary bundled
+    in the nvidia-pytriton wheel."""
+    if binary and binary != "auto":
+        p = Path(binary).expanduser()
+        if not (p.is_file() and os.access(p, os.X_OK)):
+            raise UserError(f"server.binary: {binary} is not an executable file; give a tritonserver path or `auto`")
+        return TritonBinary(p.resolve(), source="pipeline")
+    which = shutil.which("tritonserver")
+    if which:
+        return TritonBinary(Path(which), source="path")
+    found = _bundled()
+    if found is None:
+        raise UserError("tritonserver not found: set server.binary, put tritonserver on PATH, or install "
+                        "the triton extra (pip install -e .[triton]: nvidia-pytriton bundles one)")
+    return found
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(address: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError:
+            return True
+    return False
+
+
+def server_args(repo, address: str, grpc_port: int, http_port: int, metrics_port: int, shm_prefix: str) -> list[str]:
+    return [f"--model-repository={repo}", f"--http-address={address}", f"--grpc-address={address}",
+            f"--metrics-address={address}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}", "--disable-auto-complete-config",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
+
+
+def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_port: int = 8001,
+                   http_port: int = 8000, metrics_port: int = 8002, binary: str = "tritonserver",
+                   extra: tuple = ()) -> list[str]:
+    """Leader mode (triton-serving.md §9): one mpirun app context per rank, the same ports on every
+    rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves."""
+    cmd = ["mpirun", "--allow-run-as-root"]
+    for rank in range(world_size):
+        if rank:
+            cmd.append(":")
+        cmd += ["-n", "1", str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"prefix{rank}_"),
+                *(["--model-control-mode=explicit", "--load-model=tensorrt_llm"] if rank else []), *extra]
+    return cmd
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG). Linux ties it to
+    the parent *thread*: start servers from a thread that lives as long as they should."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:  # noqa: BLE001 - best effort, other platforms
+        pass
+
+
+class TritonServer:
+    """`with TritonServer(cfg) as server:` a running, ready server; stopped on exit.
+
+    Values come from the keyword arguments, then the pipeline's `server:` section, then defaults.
+    A port of 0 (the default without a pipeline) picks a free one.
+    """
+
+    def __init__(self, cfg=None, repo=None, *, address: str | None = None, grpc_port: int | None = None,
+                 http_port: int | None = None, metrics_port: int | None = None, binary: str | None = None,
+                 log_dir=None, startup_timeout_s: float | None = None, world_size: int | None = None):
+        s = cfg.server if cfg is not None else None
+        self.repo = Path(repo if repo is not None else cfg.output("triton_repo")).resolve()
+        self.address = address or (s.address if s else "127.0.0.1")
+        given = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.ports = {k: v if v is not None else (getattr(s, f"{k}_port") if s else 0) for k, v in given.items()}
+        self.binary = binary or (s.binary if s else "auto")
+        self.log_dir = Path(log_dir if log_dir is not None else
+                            (cfg.output("logs") if cfg is not None else self.repo.parent / "export" / "logs"))
+        self.timeout = startup_timeout_s or (s.startup_timeout_s if s else 300.0)
+        trt = cfg is not None and cfg.engine.backend == "trtllm"
+        self.world_size = world_size or (cfg.world_size if trt else 1)
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    # --- addresses ---
+    @property
+    def host(self) -> str:
+        return "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    # --- lifecycle ---
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def command(self, found: TritonBinary) -> list[str]:
+        g, h, m = self.ports["grpc"], self.ports["http"], self.ports["metrics"]
+        if self.world_size > 1:
+            if not shutil.which("mpirun"):
+                raise UserError(f"world size {self.world_size} needs mpirun on PATH (leader mode)")
+            extra = (f"--backend-directory={found.backend_dir}",) if found.backend_dir else ()
+            return mpirun_command(self.repo, self.world_size, address=self.address, grpc_port=g, http_port=h,
+                                  metrics_port=m, binary=str(found.path), extra=extra)
+        cmd = [str(found.path), *server_args(self.repo, self.address, g, h, m, f"grokdeploy{os.getpid()}_{g}_"),
+               f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
+        return cmd + ([f"--backend-directory={found.backend_dir}"] if found.backend_dir else [])
+
+    def start(self) -> None:
+        if not (self.repo / "ensemble" / "config.pbtxt").is_file():
+            raise UserError(f"{self.repo}: not a model repository (no ensemble/config.pbtxt); run the package stage")
+        for name, port in self.ports.items():
+            if port == 0:  # a free port, distinct from the others
+                while port == 0 or port in self.ports.values():
+                    port = free_port(self.host)
+                self.ports[name] = port
+            elif port_in_use(self.host, port):
+                raise UserError(f"{name} port {port} on {self.address} is in use; stop the other server "
+                                f"or set server.{name}_port")
+        if len(set(self.ports.values())) < 3:
+            raise UserError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
+        found = find_tritonserver(self.binary)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_dir / f"tritonserver-{self.ports['grpc']}.log"
+        cmd = self.command(found)
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **found.env},
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+
+    def log_tail(self, lines: int = 12) -> str:
+        """The error lines of the log, then its last `lines` lines (without the option tables)."""
+        try:
+            text = self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
+        rows = [r for r in text.splitlines() if r.strip() and not r.lstrip().startswith(("+", "|"))]
+        errors = [r[:600] for r in rows if re.match(r"E\d{4} ", r) and not any(b in r for b in BENIGN)][:6]
+        return "\n".join(dict.fromkeys(errors + rows[-lines:]))
+
+    def _failure(self, what: str) -> UserError:
+        log = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        if re.search(r"address already in use|failed to (start|bind)", log, re.I):
+            what += f"; a port is in use ({self.ports})"
+        loads = re.findall(r"failed to load '([^']+)'", log)
+        if loads:
+            what += f"; model(s) failed to load: {', '.join(dict.fromkeys(loads))}"
+        tail = "\n".join("  " + line for line in self.log_tail().splitlines())
+        return UserError(f"tritonserver {what} (log: {self.log_path}); log tail:\n{tail}")
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise self._failure(f"exited with code {code} while starting")
+            if self.is_ready():
+                return
+            if time.monotonic() > deadline:
+                raise self._failure(f"not ready after {self.timeout:.0f} s")
+            time.sleep(0.25)
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit code."""
+        return self.proc.wait() if self.proc else 0
+
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL the whole process group (stubs included)."""
+        atexit.unregister(self.stop)
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): stubs, mpirun ranks
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()

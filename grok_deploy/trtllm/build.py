@@ -1,0 +1,234 @@
+"""build, backend trtllm: TensorRT-LLM's mixed-GEMM preprocessing, then `trtllm-build`.
+
+The converted checkpoint keeps raw [in, out] int8 codes ("preprocessed": false in its manifest).
+On the GPU host, every int8 weight goes through TensorRT-LLM's own
+`torch.ops.trtllm.preprocess_weights_for_mixed_gemm` (its layout depends on the GPU architecture
+and the TensorRT-LLM version, so it is never reimplemented here), then `trtllm-build` builds the
+engines with the plugin options of pipeline.yaml (trtllm-checkpoint.md §5, §8).
+Without `tensorrt_llm`: a UserError with the exact command this stage would run.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grok_deploy.errors import UserError
+from grok_deploy.manifest import sha256_file
+from grok_deploy.trtllm import names as tn
+
+# engine options (pipeline.yaml `engine:`) and their defaults; each is the trtllm-build flag of
+# the same name, written in this order
+ENGINE_DEFAULTS = {
+    "gpt_attention_plugin": "bfloat16",  # carries the 30*tanh soft-cap
+    "gemm_plugin": "bfloat16",
+    "moe_plugin": "bfloat16",            # required: the non-plugin MoE rejects weight-only
+    "paged_kv_cache": "enable",          # in-flight batching
+    "remove_input_padding": "enable",    # packed tokens, in-flight batching
+    "max_batch_size": 8,
+    "max_input_len": 1024,
+    "max_seq_len": 2048,
+    "max_num_tokens": 8192,
+    "max_beam_width": 1,
+    "tokens_per_block": None,            # None: TensorRT-LLM's default
+    "use_paged_context_fmha": None,      # None: not passed; "disable" on versions whose paged
+                                         # context FMHA rejects the soft-cap (§8)
+    "workers": None,                     # None: one per rank
+}
+PLUGIN_VALUES = ("bfloat16", "float16", "float32", "auto", "disable")
+SWITCH_VALUES = ("enable", "disable")
+INT_OPTIONS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
+               "tokens_per_block", "workers")
+
+
+def trtllm_build_args(e, dtype: str, ckpt_dir, out_dir) -> list[str]:
+    """trtllm-build flags for Grok (trtllm-checkpoint.md §8) from the pipeline's `engine` section `e`;
+    plugins `auto` take the checkpoint dtype. `plan` prints these and the build stage runs them."""
+    plug = lambda v: dtype if v == "auto" else v  # noqa: E731
+    onoff = lambda b: "enable" if b else "disable"  # noqa: E731
+    return ["--checkpoint_dir", str(ckpt_dir), "--output_dir", str(out_dir),
+            "--gpt_attention_plugin", plug(e.gpt_attention_plugin), "--gemm_plugin", plug(e.gemm_plugin),
+            "--moe_plugin", plug(e.moe_plugin), "--paged_kv_cache", onoff(e.paged_kv_cache),
+            "--remove_input_padding", onoff(e.remove_input_padding),
+            "--use_paged_context_fmha", onoff(e.use_paged_context_fmha), "--tokens_per_block", str(e.tokens_per_block),
+            "--max_batch_size", str(e.max_batch_size), "--max_input_len", str(e.max_input_len),
+            "--max_seq_len", str(e.max_seq_len), "--max_num_tokens", str(e.max_num_tokens),
+            "--max_beam_width", "1", "--workers", str(e.workers)]
+
+
+def flags_to_options(args: list[str]) -> dict:
+    """A trtllm-build flag list (`--key value` pairs, as trtllm_build_args writes) as engine
+    options; --checkpoint_dir and --output_dir are dropped (this stage chooses them)."""
+    if len(args) % 2:
+        raise UserError(f"trtllm-build arguments must be --flag value pairs: {args}")
+    opts = {}
+    for flag, value in zip(args[::2], args[1::2]):
+        key = flag.removeprefix("--")
+        if key in ("checkpoint_dir", "output_dir"):
+            continue
+        opts[key] = int(value) if key in INT_OPTIONS and str(value).isdigit() else value
+    return opts
+
+
+def engine_options(engine_opts: dict | None, config: dict) -> dict:
+    """engine_opts over the defaults, checked against the checkpoint's config.json."""
+    opts = dict(ENGINE_DEFAULTS)
+    for key, value in (engine_opts or {}).items():
+        if key not in opts:
+            raise UserError(f"engine.{key}: unknown trtllm-build option; known: {', '.join(opts)}")
+        opts[key] = value
+    if opts["workers"] is None:
+        opts["workers"] = config["mapping"]["world_size"]
+    for key in INT_OPTIONS:
+        if key == "tokens_per_block" and opts[key] is None:
+            continue
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise UserError(f"engine.{key}: must be a positive integer, got {opts[key]!r}")
+    for key in ("gpt_attention_plugin", "gemm_plugin", "moe_plugin"):
+        if opts[key] not in PLUGIN_VALUES:
+            raise UserError(f"engine.{key}: {opts[key]!r}, use one of {', '.join(PLUGIN_VALUES)}")
+    for key in ("paged_kv_cache", "remove_input_padding", "use_paged_context_fmha"):
+        if opts[key] is not None and opts[key] not in SWITCH_VALUES:
+            raise UserError(f"engine.{key}: {opts[key]!r}, use enable or disable")
+    if opts["moe_plugin"] == "disable" and config["quantization"].get("quant_algo"):
+        raise UserError("engine.moe_plugin: disable is impossible with W8A16; TensorRT-LLM's weight-only "
+                        "MoE needs the MoE plugin")
+    if opts["max_input_len"] > opts["max_seq_len"]:
+        raise UserError(f"engine.max_input_len {opts['max_input_len']} exceeds engine.max_seq_len {opts['max_seq_len']}")
+    if opts["max_seq_len"] > config["max_position_embeddings"]:
+        raise UserError(f"engine.max_seq_len {opts['max_seq_len']} exceeds the model's "
+                        f"max_position_embeddings {config['max_position_embeddings']}")
+    return opts
+
+
+def trtllm_build_command(ckpt_dir, engine_dir, opts: dict, exe: list[str] | None = None) -> list[str]:
+    """The trtllm-build command line, as a list (opts from engine_options)."""
+    cmd = list(exe or ["trtllm-build"]) + ["--checkpoint_dir", str(ckpt_dir), "--output_dir", str(engine_dir)]
+    for key in ENGINE_DEFAULTS:
+        if opts.get(key) is not None:
+            cmd += [f"--{key}", str(opts[key])]
+    return cmd
+
+
+def _trtllm_exe() -> list[str]:
+    found = shutil.which("trtllm-build")
+    return [found] if found else [sys.executable, "-m", "tensorrt_llm.commands.build"]
+
+
+def _import_trtllm():
+    """tensorrt_llm (which registers torch.ops.trtllm), or the reason it cannot be imported."""
+    try:
+        import tensorrt_llm
+        return tensorrt_llm, None
+    except Exception as e:  # ImportError, or CUDA libraries missing on a CPU host
+        return None, f"{type(e).__name__}: {e}"
+
+
+def preprocess_checkpoint(src: Path, dst: Path, config: dict) -> int:
+    """Copy the checkpoint, passing every int8 weight through TensorRT-LLM's preprocessing op
+    (as the official converter: activation type = the checkpoint dtype). Returns the tensor count."""
+    import ml_dtypes
+    import torch
+    from safetensors import safe_open
+
+    from grok_deploy.trtllm.safetensors_writer import RankWriter, Spec, read_header
+
+    op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm
+    act = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config["dtype"], torch.bfloat16)
+    codes = {v: k for k, v in tn.ST_DTYPES.items()}
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    count = 0
+    for r in range(config["mapping"]["world_size"]):
+        header = read_header(src / tn.rank_file(r))
+        items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+        specs = [Spec(k, tuple(v["shape"]), codes[v["dtype"]]) for k, v in items]
+        writer = RankWriter(dst / tn.rank_file(r), specs, {"format": "pt", "preprocessed": "true"})
+        with safe_open(str(src / tn.rank_file(r)), framework="pt") as f:
+            for spec in specs:
+                t = f.get_tensor(spec.name)
+                if spec.dtype == "int8" and spec.name.endswith(tn.WEIGHT):
+                    t = op(t.contiguous(), torch.int8, act)
+                    if t.dtype != torch.int8 or tuple(t.shape) != spec.shape:
+                        raise RuntimeError(f"{spec.name}: preprocessing returned {t.dtype} {tuple(t.shape)}")
+                if t.dtype == torch.bfloat16:  # numpy has no bf16: through int16, as ml_dtypes
+                    arr = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                else:
+                    arr = t.contiguous().numpy()
+                writer.write(spec.name, arr)
+                count += 1
+        writer.close()
+    return count
+
+
+
+def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str] | None = None) -> dict:
+    """Build TensorRT-LLM engines from a converted checkpoint into `out`; returns the manifest.
+
+    Options come as `engine_opts` (keys of ENGINE_DEFAULTS) or as a trtllm-build flag list `args`."""
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    if args is not None:
+        engine_opts = {**(engine_opts or {}), **flags_to_options(args)}
+    try:
+        config = json.loads((ckpt_dir / "config.json").read_text())
+        ckpt_manifest = json.loads((ckpt_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt_dir}: not a complete convert output (config.json and manifest.json "
+                        f"needed: {e}); run convert first")
+    opts = engine_options(engine_opts, config)
+    work = out.parent / (out.name + ".tmp-build")
+    needs_preprocessing = ckpt_manifest.get("preprocessed") is False and config["quantization"].get("quant_algo")
+    build_ckpt = work / "checkpoint" if needs_preprocessing else ckpt_dir
+    trtllm, why = _import_trtllm()
+    cmd = trtllm_build_command(build_ckpt, work / "engine", opts, _trtllm_exe() if trtllm else None)
+    if trtllm is None:
+        pre = (f"preprocesses the int8 weights of {ckpt_dir} with torch.ops.trtllm."
+               f"preprocess_weights_for_mixed_gemm into {build_ckpt}, then " if needs_preprocessing else "")
+        raise UserError(f"the trtllm backend needs a GPU host with TensorRT-LLM ({why}); there this stage "
+                        f"{pre}runs: {shlex.join(cmd)}")
+    t0 = time.perf_counter()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        if needs_preprocessing:
+            preprocess_checkpoint(ckpt_dir, build_ckpt, config)
+        log = work / "build.log"
+        with open(log, "wb") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+            raise UserError(f"trtllm-build failed with exit {rc}; last lines of {log}: {tail}")
+        engine = work / "engine"
+        shutil.move(str(log), engine / "build.log")
+        if out.exists():
+            shutil.rmtree(out)
+        engine.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    manifest = {
+        "produced_by": "grok-deploy build", "backend": "trtllm", "command": cmd, "engine_opts": opts,
+        "checkpoint": str(ckpt_dir.resolve()), "checkpoint_manifest_sha256": sha256_file(ckpt_dir / "manifest.json"),
+        "preprocessed_here": bool(needs_preprocessing), "mapping": config["mapping"],
+        "tensorrt_llm_version": getattr(trtllm, "__version__", "unknown"), "gpu": _gpu(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                  for p in sorted(out.iterdir()) if p.is_file()},
+    }
+    from grok_deploy.manifest import write_json_atomic
+    write_json_atomic(out / "manifest.json", manifest, indent=2)
+    return manifest
+
+
+def _gpu() -> str | None:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    except Exception:
+        pass
+    return None

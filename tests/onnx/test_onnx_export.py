@@ -1,0 +1,216 @@
+"""export-onnx: graph structure, external data, the sparse MoE, and the full-size graph from shapes."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from grok_deploy.cli import main
+from grok_deploy.model import names
+from grok_deploy.model.config import GrokConfig
+from grok_deploy.model.grok import moe_sparse
+from grok_deploy.onnx.export import export_onnx
+from grok_deploy.onnx.graph import (
+    DecoderBuilder,
+    ParamSource,
+    WeightWriter,
+    build_model,
+    dequantize_q8,
+    io_names,
+    quantize_q8,
+)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "f32"
+    export_onnx(tiny_ckpt, out, "none", progress=False)
+    return out
+
+
+def run_graph(path, tokens: np.ndarray, past: np.ndarray | None = None, capacity: int = 32):
+    """Prefill a right-padded batch at positions 0..T-1; returns logits and the presents."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cfg = GrokConfig.from_name("grok-1-tiny")
+    b, t = tokens.shape
+    mask = np.zeros((b, capacity), np.int64)
+    mask[:, :t] = tokens != 0
+    feeds = {"input_ids": tokens, "position_ids": np.tile(np.arange(t), (b, 1)), "attention_mask": mask}
+    shape = (b, cfg.num_kv_heads, capacity, cfg.key_size)
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(shape, np.float32) if past is None else past.copy()
+    out = sess.run(None, feeds)
+    return out[0], out[1:]
+
+
+def test_export_writes_graph_external_data_and_manifest(onnx_dir):
+    man = json.loads((onnx_dir / "manifest.json").read_text())
+    assert man["quant"] == "none" and man["preset"] == "grok-1-tiny" and man["source_format"] == "xai"
+    assert set(man["io"]["inputs"]) >= {"input_ids", "position_ids", "attention_mask"}
+    assert (onnx_dir / "model.onnx").stat().st_size < 1 << 20  # the graph only; weights are external
+    assert man["files"]["model.onnx.data"]["bytes"] >= 0.99 * GrokConfig.from_name("grok-1-tiny").param_count() * 4
+    onnx.checker.check_model(str(onnx_dir / "model.onnx"))
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    big = [t for t in model.graph.initializer if int(np.prod(t.dims)) * 4 > 1024]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    inputs, outputs = io_names(12)
+    assert [i.name for i in model.graph.input] == inputs
+    assert [o.name for o in model.graph.output] == outputs
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
+    assert inputs[3] == "past_key_values.0.key" and dims == ["batch", 8, "past", 16]
+
+
+def test_graph_prefill_matches_reference_and_writes_cache_in_place(onnx_dir, tiny_model):
+    tokens = np.array([[5, 6, 7, 0, 0, 0], [10, 11, 12, 13, 14, 15], [40, 0, 42, 43, 0, 0]], np.int64)
+    past = np.random.default_rng(0).standard_normal((3, 8, 32, 16)).astype(np.float32)
+    logits, presents = run_graph(onnx_dir / "model.onnx", tokens, past)
+    with torch.no_grad():
+        ref = tiny_model(torch.from_numpy(tokens)).numpy()
+    real = tokens != 0  # pad positions are not compared (their logits are unused)
+    assert np.abs(logits[real] - ref[real]).max() < 1e-3
+    cache = tiny_model.new_cache(3, 32)
+    with torch.no_grad():
+        tiny_model(torch.from_numpy(tokens), cache=cache, start=torch.zeros(3, dtype=torch.long))
+    k0 = presents[0]  # layer 0 key: slots 0..5 written, the rest of the past untouched
+    assert np.abs(k0[:, :, :6] - cache.k[0][:, :6].permute(0, 2, 1, 3).numpy()).max() < 1e-4
+    assert np.array_equal(k0[:, :, 6:], past[:, :, 6:])
+
+
+def moe_graph(cfg, params, layer=0):
+    b = DecoderBuilder(cfg, ParamSource(params), WeightWriter(None))
+    b.weight = lambda name, shape, produce: _inline(b.g, name, produce())  # small: everything inline
+    b.linear = lambda x, name, k, n, produce: b.g.op("MatMul", x, _inline(b.g, name, produce()))
+    b.g.op("Identity", b.moe(layer, "x"), out="y")
+    graph = onnx.helper.make_graph(b.g.nodes, "moe", [onnx.helper.make_tensor_value_info("x", 1, ["n", cfg.emb_size])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, ["n", cfg.emb_size])], b.g.inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+
+
+def _inline(g, name, arr):
+    g.inits.append(onnx.numpy_helper.from_array(np.asarray(arr, np.float32), name))
+    return name
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 64])
+def test_moe_graph_equals_moe_sparse(n_tokens):
+    cfg = GrokConfig.from_name("grok-1-tiny", num_layers=1)
+    rng = np.random.default_rng(n_tokens)
+    p = names.layer_path(0, "")
+    d, f = cfg.emb_size, cfg.ffn_size
+    params = {p + "router/w": rng.standard_normal((d, 8), np.float32) * 0.2,
+              p + "moe/linear/w": rng.standard_normal((8, d, f), np.float32) / 16,
+              p + "moe/linear_v/w": rng.standard_normal((8, d, f), np.float32) / 16,
+              p + "moe/linear_1/w": rng.standard_normal((8, f, d), np.float32) / 18}
+    x = rng.standard_normal((n_tokens, d), np.float32)
+    sess = ort.InferenceSession(moe_graph(cfg, params).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    t = {k: torch.from_numpy(v) for k, v in params.items()}
+    ref = moe_sparse(torch.from_numpy(x), t[p + "router/w"], t[p + "moe/linear/w"], t[p + "moe/linear_v/w"],
+                     t[p + "moe/linear_1/w"], 2).numpy()
+    assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_moe_is_sparse_in_the_graph(onnx_dir):
+    """Per layer, 8 experts each fed by a Gather of NonZero-selected tokens; no stacked expert tensors."""
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    expert_mm = [n for n in model.graph.node if n.op_type == "MatMul" and "/moe/expert_" in n.input[1]]
+    assert len(expert_mm) == 12 * 16
+    for n in expert_mm:
+        if n.input[1].endswith("/wv"):  # the first expert matmul reads only its tokens
+            gather = producer[n.input[0]]
+            assert gather.op_type == "Gather"
+            assert producer[producer[gather.input[1]].input[0]].op_type == "NonZero"
+    assert sum(n.op_type == "NonZero" for n in model.graph.node) == 12 * 8
+    assert not [t.name for t in model.graph.initializer if len(t.dims) == 3]  # no (E, D, F) tensor
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_grok1_one_layer_graph_from_shapes(quant, tmp_path):
+    """The full-size grok-1 graph (one layer) built from shapes alone: no weight is read or held."""
+    cfg = GrokConfig.from_name("grok-1")
+    tracemalloc.start()
+    model = build_model(cfg, None, None, quant, layers=1)  # src None: any read would fail
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 << 20
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    p = names.layer_path(0, "")
+    assert inits[names.EMBEDDING] == [131072, 6144] and inits[p + "router/w"] == [6144, 8]
+    if quant == "none":
+        assert inits[p + "multi_head_attention/qkv/w"] == [6144, 6144 + 2 * 1024]
+        assert inits[p + "multi_head_attention/linear/w"] == [6144, 6144]
+        assert inits[p + "moe/expert_7/wv"] == [6144, 2 * 32768] and inits[p + "moe/expert_7/o"] == [32768, 6144]
+    else:
+        assert inits[p + "moe/expert_7/wv.q8"] == [65536, 96, 64] and inits[p + "moe/expert_7/o.q8"] == [6144, 512, 64]
+        assert inits[p + "moe/expert_7/o.scales"] == [6144 * 512]
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 2 + 16
+        attrs = {a.name: a.i for a in nbits[0].attribute}
+        assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 64
+    assert [i.name for i in model.graph.input] == io_names(1)[0]
+    assert [o.name for o in model.graph.output] == io_names(1)[1]
+    logits = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert logits == ["batch", "seq", 131072]
+    kv = [d.dim_param or d.dim_value for d in model.graph.output[1].type.tensor_type.shape.dim]
+    assert kv == ["batch", 8, "past", 128]
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "meta.data").touch()  # the external-data file the shapes-only graph names
+    onnx.checker.check_model(str(tmp_path / "model.onnx"))
+
+
+def test_quantize_q8_keeps_the_release_grid_and_pads_k():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (344, 40))
+    codes[0] = 127  # the release's per-column scale is max|w| / 127
+    scale = rng.uniform(0.001, 0.01, 40).astype(np.float32)
+    w = (codes * scale).astype(np.float32)
+    q, s = quantize_q8(w, 64)
+    assert q.shape == (40, 6, 64) and s.shape == (40, 6) and q.dtype == np.uint8
+    assert np.abs(dequantize_q8(q, s, 344) - w).max() < 1e-6  # the int8 grid kept exactly
+    assert (q[:, -1, 344 - 320:] == 128).all()  # padding of the last block is zero
+    noisy = rng.standard_normal((256, 8)).astype(np.float32)
+    q, s = quantize_q8(noisy, 64)
+    assert np.all(np.abs(dequantize_q8(q, s, 256) - noisy) <= np.repeat(s, 64, axis=1).T / 2 + 1e-6)
+
+
+def test_cli_export_int8_and_user_errors(tiny_ckpt, tmp_path, capsys):
+    assert main(["export-onnx", str(tiny_ckpt), str(tmp_path / "q8"), "--quant", "int8"]) == 0
+    man = json.loads((tmp_path / "q8" / "manifest.json").read_text())
+    assert man["quant"] == "int8" and man["int8"]["accuracy_level"] == 4
+    model = onnx.load(str(tmp_path / "q8" / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 12 * (2 + 16)
+    assert not list(tmp_path.glob("q8.tmp-*"))
+    assert main(["export-onnx", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_export_streams_each_tensor_once(tiny_ckpt, tmp_path):
+    """Weights are read one leaf, or one expert slice, at a time: never a stacked (E, D, F) leaf."""
+    from grok_deploy.checkpoint import open_checkpoint
+    from grok_deploy.onnx.export import write_onnx
+
+    ckpt = open_checkpoint(tiny_ckpt)
+    reads = []
+
+    class Spy:
+        def read(self, name):
+            reads.append(name)
+            return ckpt.read(name)
+
+        def read_expert(self, name, e):
+            reads.append((name, e))
+            return ckpt.read_expert(name, e)
+
+    write_onnx(ckpt.config, Spy(), tmp_path / "onnx")
+    assert len(reads) == len(set(reads))
+    assert not [r for r in reads if isinstance(r, str) and "/moe/" in r]
+    leaves = names.flatten_order(12)
+    expected = {n for n in leaves if "/moe/" not in n} | {(n, e) for n in leaves if "/moe/" in n for e in range(8)}
+    assert set(reads) == expected

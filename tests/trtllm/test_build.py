@@ -1,0 +1,160 @@
+"""Engine build for backend trtllm: the trtllm-build command as data, the no-TensorRT-LLM error,
+and the whole flow against a stand-in tensorrt_llm (its preprocessing op registered in torch)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+import textwrap
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from grok_deploy.errors import UserError
+from grok_deploy.trtllm import build
+from grok_deploy.trtllm.safetensors_writer import RankWriter, Spec
+
+# trtllm-checkpoint.md §8: the flags a Grok build passes
+DOCUMENTED_FLAGS = {
+    "--checkpoint_dir", "--output_dir", "--gpt_attention_plugin", "--gemm_plugin", "--moe_plugin",
+    "--paged_kv_cache", "--remove_input_padding", "--workers", "--max_batch_size", "--max_input_len",
+    "--max_seq_len", "--max_num_tokens", "--max_beam_width", "--use_paged_context_fmha", "--tokens_per_block",
+}
+CONFIG = {"dtype": "bfloat16", "max_position_embeddings": 8192, "quantization": {"quant_algo": "W8A16"},
+          "mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1, "moe_tp_size": 2, "moe_ep_size": 1}}
+
+
+def test_default_command_is_the_documented_one():
+    opts = build.engine_options({}, CONFIG)
+    cmd = build.trtllm_build_command("ck", "eng", opts)
+    assert cmd[0] == "trtllm-build"
+    pairs = dict(zip(cmd[1::2], cmd[2::2]))
+    assert pairs == {
+        "--checkpoint_dir": "ck", "--output_dir": "eng", "--gpt_attention_plugin": "bfloat16",
+        "--gemm_plugin": "bfloat16", "--moe_plugin": "bfloat16", "--paged_kv_cache": "enable",
+        "--remove_input_padding": "enable", "--max_batch_size": "8", "--max_input_len": "1024",
+        "--max_seq_len": "2048", "--max_num_tokens": "8192", "--max_beam_width": "1", "--workers": "2"}
+    assert set(pairs) <= DOCUMENTED_FLAGS
+
+
+def test_options_and_flag_lists_agree():
+    args = ["--checkpoint_dir", "x", "--output_dir", "y", "--gpt_attention_plugin", "bfloat16",
+            "--use_paged_context_fmha", "disable", "--tokens_per_block", "32", "--max_seq_len", "4096",
+            "--max_input_len", "2048", "--workers", "8"]
+    opts = build.engine_options(build.flags_to_options(args), CONFIG)
+    assert opts["tokens_per_block"] == 32 and opts["workers"] == 8
+    cmd = build.trtllm_build_command("ck", "eng", opts)
+    assert set(cmd[1::2]) <= DOCUMENTED_FLAGS
+    assert cmd[cmd.index("--use_paged_context_fmha") + 1] == "disable"
+    assert cmd[cmd.index("--max_seq_len") + 1] == "4096"
+
+
+@pytest.mark.parametrize("opts,message", [
+    ({"max_batch": 4}, "engine.max_batch: unknown"),
+    ({"max_input_len": 4096, "max_seq_len": 2048}, "exceeds engine.max_seq_len"),
+    ({"max_seq_len": 16384, "max_input_len": 1024}, "max_position_embeddings 8192"),
+    ({"moe_plugin": "disable"}, "needs the MoE plugin"),
+    ({"gemm_plugin": "int8"}, "engine.gemm_plugin"),
+    ({"max_batch_size": 0}, "engine.max_batch_size: must be a positive integer"),
+    ({"paged_kv_cache": True}, "engine.paged_kv_cache"),
+])
+def test_bad_engine_options(opts, message):
+    with pytest.raises(UserError, match=message):
+        build.engine_options(opts, CONFIG)
+
+
+def _checkpoint(folder: Path) -> dict:
+    """A two-rank W8A16 checkpoint with one int8 matrix and one bf16 norm per rank."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for r in range(2):
+        w = rng.integers(-127, 128, (2, 4, 6), dtype=np.int8)
+        s = rng.standard_normal(6).astype(ml_dtypes.bfloat16)
+        specs = [Spec("transformer.layers.0.mlp.fc.weight", (2, 4, 6), "int8"),
+                 Spec("transformer.layers.0.mlp.fc.per_channel_scale", (6,), "bfloat16")]
+        writer = RankWriter(folder / f"rank{r}.safetensors", specs)
+        writer.write(specs[0].name, w)
+        writer.write(specs[1].name, s)
+        writer.close()
+        tensors[r] = (w, s)
+    (folder / "manifest.json").write_text(json.dumps({"preprocessed": False}))
+    return tensors
+
+
+def test_without_tensorrt_llm_the_error_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # import fails, as on a CPU host
+    _checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError) as e:
+        build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine", {"max_batch_size": 4})
+    msg = str(e.value)
+    assert msg.startswith("the trtllm backend needs a GPU host with TensorRT-LLM")
+    assert "preprocess_weights_for_mixed_gemm" in msg and "\n" not in msg
+    assert f"trtllm-build --checkpoint_dir {tmp_path}/engine.tmp-build/checkpoint --output_dir " in msg
+    assert "--moe_plugin bfloat16" in msg and "--max_batch_size 4" in msg
+    assert not (tmp_path / "engine").exists()
+
+
+def test_missing_convert_manifest(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(UserError, match="not a complete convert output"):
+        build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
+
+
+FAKE_TRTLLM = '''
+"""Stand-in for tensorrt_llm: registers the preprocessing op the way the real package does."""
+import torch
+__version__ = "0.0.fake"
+_lib = torch.library.Library("trtllm", "DEF")
+_lib.define("preprocess_weights_for_mixed_gemm(Tensor w, ScalarType qt, ScalarType at) -> Tensor")
+_lib.impl("preprocess_weights_for_mixed_gemm", lambda w, qt, at: (w.flip(-1) ^ 1).contiguous(), "CPU")
+'''
+FAKE_BUILD = '''#!{python}
+"""Stand-in trtllm-build: records its argv and copies each rank file to rank<r>.engine."""
+import json, shutil, sys
+from pathlib import Path
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+out = Path(args["--output_dir"]); out.mkdir(parents=True)
+for f in Path(args["--checkpoint_dir"]).glob("rank*.safetensors"):
+    shutil.copy(f, out / f.name.replace(".safetensors", ".engine"))
+(out / "config.json").write_text(json.dumps({{"argv": sys.argv[1:]}}))
+'''
+
+
+def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
+    pkg = tmp_path / "site" / "tensorrt_llm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_TRTLLM))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "trtllm-build"
+    exe.write_text(FAKE_BUILD.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    spec = importlib.util.spec_from_file_location("tensorrt_llm", pkg / "__init__.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)  # gone again after the test
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    tensors = _checkpoint(tmp_path / "ckpt")
+
+    man = build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine", {"max_batch_size": 4})
+    out = tmp_path / "engine"
+    assert sorted(p.name for p in out.iterdir()) == ["build.log", "config.json", "manifest.json",
+                                                     "rank0.engine", "rank1.engine"]
+    assert man["preprocessed_here"] and man["tensorrt_llm_version"] == "0.0.fake"
+    assert man["command"][0] == str(exe) and "--max_batch_size" in man["command"]
+    assert json.loads((out / "manifest.json").read_text())["files"]["rank0.engine"]["sha256"] == man["files"]["rank0.engine"]["sha256"]
+    for r, (w, s) in tensors.items():
+        with safe_open(str(out / f"rank{r}.engine"), framework="np") as f:  # the preprocessed checkpoint
+            got = f.get_tensor("transformer.layers.0.mlp.fc.weight")
+            assert np.array_equal(got, np.flip(w, -1) ^ 1)  # the op ran on every int8 weight
+        with safe_open(str(out / f"rank{r}.engine"), framework="pt") as f:
+            got_s = f.get_tensor("transformer.layers.0.mlp.fc.per_channel_scale")
+            assert np.array_equal(got_s.float().numpy(), s.astype(np.float32))  # scales untouched
+    assert not list(tmp_path.glob("engine.tmp-*"))
