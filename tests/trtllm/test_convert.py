@@ -1,5 +1,5 @@
-"""convert: every rank tensor as trtllm-checkpoint.md §3, reassembly back to the source, the
-streaming safetensors writer, atomic output, and errors that name the file."""
+"""convert: every rank tensor as trtllm-checkpoint.md §3, reassembly back to the source, atomic
+output, and errors that name the file (the safetensors writer: test_safetensors_writer.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,6 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,6 @@ from grok_deploy.cli import main
 from grok_deploy.errors import UserError
 from grok_deploy.model import names
 from grok_deploy.trtllm.convert import RankProducer, convert
-from grok_deploy.trtllm.safetensors_writer import RankWriter, Spec, read_header
 
 # grok-1-tiny, written out so the expectations do not come from the code under test
 D, HQ, HKV, DK, F, E, V, L = 256, 16, 8, 16, 344, 8, 1024, 12
@@ -222,37 +220,6 @@ def test_quant_none_writes_dequantised_weights(tiny_ckpt, tmp_path, dtype):
     for name in ckpt.names():
         src = ckpt.read(name)
         assert np.all(np.abs(values[name] - src) <= rtol * np.abs(src)), name
-
-
-def test_rank_writer_streams_a_valid_safetensors_file(tmp_path):
-    specs = [Spec("a", (3, 4), "int8"), Spec("b", (5,), "bfloat16"), Spec("c", (2, 2, 2), "float32")]
-    a = np.arange(12, dtype=np.int8).reshape(3, 4)
-    b = np.linspace(-1, 1, 5).astype(ml_dtypes.bfloat16)
-    c = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
-    w = RankWriter(tmp_path / "x.safetensors", specs, {"format": "pt"})
-    w.write("a", a[:1])
-    w.write("a", a[1:])  # a tensor may come in several chunks
-    w.write("b", b)
-    w.write("c", c[0])
-    w.write("c", c[1])
-    sha = w.close()
-    data = (tmp_path / "x.safetensors").read_bytes()
-    assert sha == hashlib.sha256(data).hexdigest()
-    assert (8 + int.from_bytes(data[:8], "little")) % 8 == 0  # payload 8-byte aligned
-    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        assert np.array_equal(f.get_tensor("a").numpy(), a)
-        assert np.array_equal(f.get_tensor("b").float().numpy(), b.astype(np.float32))
-        assert np.array_equal(f.get_tensor("c").numpy(), c)
-    assert set(read_header(tmp_path / "x.safetensors")) == {"a", "b", "c", "__metadata__"}
-
-    w = RankWriter(tmp_path / "y.safetensors", specs)
-    with pytest.raises(RuntimeError, match="expected a"):
-        w.write("b", b)  # out of order
-    w = RankWriter(tmp_path / "z.safetensors", specs)
-    w.write("a", a)
-    with pytest.raises(RuntimeError, match="incomplete"):
-        w.close()
 
 
 def test_output_is_atomic_and_replaces_an_older_conversion(tiny_ckpt, tmp_path, monkeypatch):
