@@ -385,8 +385,12 @@ def _run(jobs: list[dict], workers: int, on_bytes) -> list[dict]:
                 kind, *rest = queue.get(timeout=0.1)
             except Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a convert worker (pid {dead[0].pid}) died with exit code {dead[0].exitcode}")
+                if dead:  # e.g. the kernel's OOM killer: a clear error, nothing kept
+                    code = dead[0].exitcode
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    raise UserError(f"convert: a worker process (pid {dead[0].pid}) {how}"
+                                    f"{' (out of memory?)' if code == -9 else ''}; nothing was kept; "
+                                    "run again, with fewer --workers if memory is short")
                 continue
             if kind == "bytes":
                 on_bytes(rest[0])
