@@ -130,7 +130,7 @@ def replace_problem(out: Path, kind: str | None) -> str | None:
     if not entries or (made is not None and (kind is None or made == kind)):
         return None
     by = f"by grok-deploy {kind or ''}".rstrip() + (f" (grok-deploy {made} wrote it)" if made else "")
-    return (f"{out}: is not empty and was not written {by}: {len(entries)} entries, e.g. {entries[0]!r}; "
+    return (f"{out}: is not empty and was not written {by}: {len(entries)} entries: {', '.join(map(repr, entries[:3]))}{' ...' if len(entries) > 3 else ''}; "
             "nothing was changed; choose a new or empty output folder, or empty this one yourself")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from grok_deploy import __version__
 from grok_deploy.errors import UserError
 from grok_deploy.manifest import (check_replaceable, clean_stale, commit, fingerprint, folder_bytes, lock, new_tmp,
-                                  read_manifest)
+                                  read_manifest, replace_problem)
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
 from grok_deploy.pipeline.stages import STAGES, Stage, StageContext
 
@@ -184,8 +184,9 @@ def _run_locked(cfg, only, force, keep_serving, table, echo) -> tuple[int, list[
         if d.out is not None:
             clean_stale(d.out)
     for d in decisions:
-        if d.action == "run" and d.out is not None:
-            check_replaceable(d.out, d.stage.name)
+        problem = replace_problem(d.out, d.stage.name) if d.action == "run" and d.out is not None else None
+        if problem:
+            raise UserError(f"stage {d.stage.name}: {problem}")
     manifests = {d.stage.name: d.manifest for d in decisions if d.manifest}  # done: cached or not selected
     dirs = {d.stage.name: d.out for d in decisions if d.manifest}
     rows, code, services = [], 0, {}

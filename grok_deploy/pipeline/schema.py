@@ -412,18 +412,21 @@ def check_paths(cfg: PipelineConfig) -> None:
     sources = [("model.source.path", cfg.resolve(src.path))] if src.format != "synthetic" and src.path else []
     if src.tokenizer:
         sources.append(("model.source.tokenizer", cfg.resolve(src.tokenizer)))
+    real_root = Path(os.path.realpath(cfg.root))
     for name, out in outs.items():
-        key = f"outputs.{name}"
-        real_out, real_root = Path(os.path.realpath(out)), Path(os.path.realpath(cfg.root))
-        if real_root.is_relative_to(real_out):
-            raise cfg.fail(key, f"{out} holds the pipeline's own folder {cfg.root}; a stage replaces its whole "
-                           "output folder: use a subfolder such as export/" + name)
+        if real_root.is_relative_to(os.path.realpath(out)):
+            raise cfg.fail(f"outputs.{name}", f"{out} holds the pipeline's own folder {cfg.root}; a stage replaces "
+                           f"its whole output folder: use a subfolder such as export/{name}")
+    for name, out in outs.items():
         for skey, path in sources:
             if overlaps(out, path):
-                raise cfg.fail(key, f"{out} overlaps {skey} {path}; output folders must lie outside the source")
+                raise cfg.fail(f"outputs.{name}", f"{out} overlaps {skey} {path}; output folders must lie outside "
+                               "the source")
+    for name, out in outs.items():
         for other, o in outs.items():
             if other < name and overlaps(out, o):
-                raise cfg.fail(key, f"{out} overlaps outputs.{other} {o}; each stage needs a folder of its own")
+                raise cfg.fail(f"outputs.{name}", f"{out} overlaps outputs.{other} {o}; each stage needs a folder "
+                               "of its own")
 
 
 def check(cfg: PipelineConfig) -> None:
