@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_MESSAGE = 2000
+
+
+def one_line(message: str) -> str:
+    """A user error as one readable line: newlines folded, a huge value cut."""
+    message = " ".join(message.split("\n"))
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + f"... ({len(message)} characters)"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that it unwinds as from Ctrl-C: every stage
     removes its temporary folder and stops its worker processes on the way out."""
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(importlib.import_module(module), handler)(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `grok-deploy inspect ... | head`: the reader left, nothing to report
         devnull = os.open(os.devnull, os.O_WRONLY)

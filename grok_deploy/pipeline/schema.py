@@ -433,7 +433,7 @@ def check(cfg: PipelineConfig) -> None:
     """The checks types cannot express; fills moe_tp/moe_ep defaults."""
     check_paths(cfg)
     if cfg.model.preset not in PRESETS:
-        raise cfg.fail("model.preset", f"unknown preset {cfg.model.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        raise cfg.fail("model.preset", f"unknown preset {_short(cfg.model.preset)}; known: {', '.join(sorted(PRESETS))}")
     m, par, eng, src = cfg.grok, cfg.parallel, cfg.engine, cfg.model.source
     if src.format != "synthetic" and not src.path:
         raise cfg.fail("model.source", f"format {src.format} needs `path:` (the checkpoint folder)")
