@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from grok_deploy import __version__
 from grok_deploy.errors import UserError
@@ -118,17 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_MESSAGE = 2000
+
+
+def one_line(message: str) -> str:
+    """A user error as one readable line: newlines folded, a huge value cut."""
+    message = " ".join(message.split("\n"))
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + f"... ({len(message)} characters)"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as from Ctrl-C: every stage
+    removes its temporary folder and stops its worker processes on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, handler = HANDLERS[args.command]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(getattr(importlib.import_module(module), handler)(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `grok-deploy inspect ... | head`: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing half-written was kept", file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,10 @@ def test_the_check_catches_upward_and_peer_imports():
            "from ..onnx.graph import build_model\n")
     bad = violations(src, "grok_deploy.trtllm.convert")
     assert len(bad) == 3
-    assert "grok_deploy.trtllm.convert:3 imports grok_deploy.pipeline.schema: trtllm (layer 3) may not import " \
-           "pipeline (layer 6)" == bad[0]
+    assert "grok_deploy.trtllm.convert:3 imports grok_deploy.pipeline.schema: trtllm (layer 4) may not import " \
+           "pipeline (layer 7)" == bad[0]
     assert "imports grok_deploy.serving:" in bad[1]
-    assert "imports grok_deploy.onnx.graph: trtllm (layer 3) may not import onnx (layer 3)" in bad[2]
+    assert "imports grok_deploy.onnx.graph: trtllm (layer 4) may not import onnx (layer 4)" in bad[2]
     assert violations("from grok_deploy.model.grok import Grok\n", "grok_deploy.checkpoint.xai") == []
     assert violations("from grok_deploy.checkpoint import open_checkpoint\n", "grok_deploy.model.generate") != []
 

@@ -28,6 +28,8 @@ def open_checkpoint(path, preset: str | GrokConfig | None = None) -> Checkpoint:
     The config is the preset given (checked against the tensor shapes) or the preset whose sizes
     match them. Raises UserError naming the path for anything missing, corrupt or ambiguous.
     """
+    if "\0" in str(path):
+        raise UserError(f"{str(path)!r}: the checkpoint path contains a NUL character")
     path = Path(path)
     if path.name == CKPT_DIR and not (path / CKPT_DIR).is_dir() and path.is_dir():
         path = path.parent  # pointed at ckpt-0/ itself

@@ -4,9 +4,12 @@ canonical layout: matrices transposed to [in, out], per-expert tensors stacked o
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -115,6 +118,31 @@ class HfCheckpoint(Checkpoint):
         return self._get(name, self._names(name)[e]).astype(np.float32)
 
 
+MAX_HEADER_BYTES = 8 << 20  # a shard of the port lists a few hundred tensors (~100 KB of header)
+MAX_TENSORS = 20_000
+
+
+def check_header(file: Path) -> None:
+    """Refuse, before safetensors parses it, anything but a regular file whose JSON header is at
+    most MAX_HEADER_BYTES (a header padded with junk entries made every lookup slow)."""
+    try:
+        with open(file, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"{file}: is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, "
+                                "not a safetensors file; put the downloaded shard there")
+            head = f.read(8)
+    except IsADirectoryError:
+        raise UserError(f"{file}: is a folder, not a safetensors file; put the downloaded shard there") from None
+    except OSError as e:
+        why = "a symlink loop" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"{file}: cannot be read ({why}); put the downloaded shard there") from None
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if not 0 < n <= min(MAX_HEADER_BYTES, st.st_size - 8):
+        size = "truncated" if n < 0 or n > st.st_size - 8 else f"a header of {n} bytes (at most {MAX_HEADER_BYTES})"
+        raise UserError(f"{file}: not a Grok-1 safetensors shard ({size}); download it again")
+
+
 def open_hf(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> HfCheckpoint:
     """Index the *.safetensors of `path` by name, measure the model sizes, check every shape."""
     from safetensors import safe_open
@@ -122,12 +150,22 @@ def open_hf(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> HfC
     where: dict[str, Path] = {}
     headers: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in sorted(path.glob("*.safetensors")):
+        check_header(file)
         try:
             with safe_open(str(file), framework="np") as f:
-                for key in f.keys():
+                keys = f.keys()
+                if len(keys) > MAX_TENSORS:
+                    raise UserError(f"{file}: {len(keys)} tensors in one shard (the whole model has a few "
+                                    "thousand); not a Grok-1 shard")
+                for key in keys:
+                    if key in where:
+                        raise UserError(f"{file}: tensor {key!r} is also in {where[key].name}; remove the "
+                                        "shard that does not belong")
                     sl = f.get_slice(key)
                     where[key] = file
                     headers[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except UserError:
+            raise
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise UserError(f"{file}: not a readable safetensors file ({e})") from None
     dtype_names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

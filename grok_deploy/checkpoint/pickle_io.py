@@ -8,7 +8,10 @@ reader can memory-map it. Shapes and dtypes precede the payloads, so a scan read
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +160,18 @@ class _Stream:
 
 
 def _open_raw(path: Path):
-    return open(path, "rb", buffering=0)
+    """Open a regular file for reading; a folder, FIFO or device is refused before any read
+    (O_NONBLOCK: opening a FIFO does not wait for a writer)."""
+    f = open(path, "rb", buffering=0, opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK))
+    mode = os.fstat(f.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise _NotRegular("a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)")
+    return f
+
+
+class _NotRegular(Exception):
+    pass
 
 
 def scan(path) -> ArrayRef | QW8Ref:
@@ -173,9 +187,17 @@ def scan(path) -> ArrayRef | QW8Ref:
             return _walk(_Stream(f, size), path)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; the checkpoint is incomplete, download this file again") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a tensor file; remove it and download the file again") from None
+    except _NotRegular as e:
+        raise UserError(f"{path}: is {e}, not a tensor file; put the downloaded file there") from None
+    except OSError as e:
+        why = "a symlink loop" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"{path}: cannot be read ({why}); put the downloaded file there") from None
     except _Truncated:
         raise UserError(f"{path}: truncated ({size} bytes); download this file again") from None
-    except (ValueError, IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, KeyError, TypeError, struct.error, UnicodeDecodeError, OverflowError,
+            MemoryError, RecursionError) as e:
         raise UserError(f"{path}: not a Grok-1 checkpoint tensor pickle ({e}); refusing to load it") from None
 
 
@@ -330,7 +352,9 @@ def _build(target, state) -> None:
             raise ValueError("bad array shape")
         if not (isinstance(dtype, _Dtype) and dtype.built and isinstance(fortran, bool) and isinstance(data, _Bytes)):
             raise ValueError("bad array state")
-        if data.size != int(np.prod(shape, dtype=np.int64)) * dtype.dtype.itemsize:
+        if len(shape) > 8:
+            raise ValueError(f"{len(shape)} dimensions")
+        if data.size != math.prod(shape) * dtype.dtype.itemsize:  # Python ints: a 2^70 shape cannot wrap
             raise ValueError(f"payload of {data.size} bytes does not fit shape {shape} {dtype.dtype}")
         target.state = (shape, dtype.dtype, fortran, data.offset)
     elif isinstance(target, _QW8) and target.state is None:

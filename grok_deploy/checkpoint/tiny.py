@@ -6,13 +6,14 @@ release (int8 with bf16 per-column scales, 8 K-block scales for the row-parallel
 """
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from grok_deploy.errors import UserError
+from grok_deploy.manifest import MARK, clean_stale, new_tmp
 from grok_deploy.model import names
 from grok_deploy.model.config import GrokConfig
 
@@ -71,16 +72,18 @@ def make_tiny(out, preset: str = "grok-1-tiny", seed: int = 0, progress: bool = 
     out = Path(out)
     if cfg.ffn_size % names.SCALE_K_BLOCKS or cfg.q_size % names.SCALE_K_BLOCKS:
         raise UserError(f"preset {preset}: K axes must split into {names.SCALE_K_BLOCKS} scale blocks")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not empty; choose a new folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    if "\0" in str(out):
+        raise UserError(f"{str(out)!r}: the output path contains a NUL character")
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or set(os.listdir(out)) - {MARK}):
+        raise UserError(f"{out}: exists and is not an empty folder; choose a new folder or remove it")
+    clean_stale(out)
+    tmp = new_tmp(out, "source")
     try:
         (tmp / "tokenizer.model").write_bytes(train_tiny_tokenizer(cfg.vocab_size, seed))
         leaves = ((p, random_leaf(cfg, p, i, seed)) for i, p in enumerate(names.flatten_order(cfg.num_layers)))
         write_checkpoint(tmp, cfg, leaves, progress=progress)
         if out.exists():
-            out.rmdir()
+            shutil.rmtree(out)  # empty but for our mark (the runner's tmp folder)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

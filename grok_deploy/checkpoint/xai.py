@@ -206,6 +206,16 @@ def open_xai(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> Xa
     layers = given.num_layers if given else max(1, -(-(max(present) - 1) // len(names.LAYER_LEAVES)))
     expected = len(names.flatten_order(layers))
     missing = sorted(set(range(expected)) - present)
+    if missing and given is None:
+        run = next(i for i in range(len(present) + 1) if i not in present)  # files 0..run-1 are all there
+        low = (run - len(names.flatten_order(0))) // len(names.LAYER_LEAVES)
+        fewer = len(names.flatten_order(max(low, 0)))
+        beyond = sorted(i for i in present if i >= fewer)
+        if low > 0 and len(beyond) < len(missing):  # whole for `low` layers and a few files beyond it
+            raise UserError(f"{ckpt_dir}: {len(present)} tensor files fit no layer count: a {low}-layer checkpoint "
+                            f"has {fewer} (then {_ranges(beyond)} would be extra: remove "
+                            f"them), a {layers}-layer one {expected} (then {_ranges(missing)} would be missing: download "
+                            "them again); pass --preset (model.preset) to say which")
     if missing:
         why = f" for preset {given.name} ({layers} layers)" if given else ""
         raise UserError(f"{ckpt_dir}: {len(missing)} of {expected} tensor files missing{why}, indices "
@@ -213,7 +223,7 @@ def open_xai(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> Xa
     extra = sorted(i for i in present if i >= expected)
     if extra:
         raise UserError(f"{ckpt_dir}: {len(present)} tensor files, but {given.name} has {layers} layers "
-                        f"({expected} files); unexpected indices {_ranges(extra)}; pass the right preset")
+                        f"({expected} files); unexpected indices {_ranges(extra)}; remove those files or pass the right preset")
     order = names.flatten_order(layers)
 
     def shape(path: str) -> tuple[int, ...]:

@@ -77,10 +77,12 @@ def export_onnx(src, out, quant: str = "none", preset: str | None = None, progre
     """Export checkpoint `src` as an ONNX decoder into folder `out`; returns the manifest."""
     from grok_deploy.checkpoint import open_checkpoint
     from grok_deploy.errors import UserError
+    from grok_deploy.manifest import check_output
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
     ckpt = open_checkpoint(src, preset=preset)
+    check_output(Path(out), ckpt.path, "export-onnx")
     provenance = {"source": str(Path(src).resolve()), "source_format": ckpt.format}
     return write_onnx(ckpt.config, ckpt, out, quant, provenance, progress)
 
@@ -96,7 +98,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
     from grok_deploy.progress import Progress
 
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "export-onnx") as tmp:
         with Progress(cfg.param_count() * 4, "export-onnx", show=None if progress else False) as bar:
             model = build_model(cfg, _Tracked(source, bar), tmp / "model.onnx.data", quant, BLOCK_SIZE)
         onnx.save(model, tmp / "model.onnx")
@@ -121,7 +123,10 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
 
 
 def cli_export_onnx(args) -> int:
-    man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None))
+    from grok_deploy.manifest import lock
+
+    with lock(Path(args.out).resolve().parent, f"grok-deploy export-onnx {args.out}"):
+        man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None))
     gb = man["files"]["model.onnx.data"]["bytes"] / 1e9
     print(f"wrote {args.out}/model.onnx ({man['preset']}, quant {man['quant']}, {gb:.2f} GB of weights, "
           f"{man['seconds']:.1f} s)", file=sys.stderr)

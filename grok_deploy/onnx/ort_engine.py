@@ -67,7 +67,7 @@ def build_engine(onnx_dir, out, threads: int | None = None, max_batch_size: int 
     if max_seq_len > cfg.sequence_len:
         raise UserError(f"max_seq_len {max_seq_len} exceeds {cfg.name}'s {cfg.sequence_len} positions")
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "build") as tmp:
         so = session_options(threads)
         so.optimized_model_filepath = str(tmp / OPT_MODEL)
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", OPT_DATA)

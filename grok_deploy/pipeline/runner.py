@@ -17,7 +17,8 @@ from pathlib import Path
 
 from grok_deploy import __version__
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import clean_stale, commit, fingerprint, folder_bytes, new_tmp, read_manifest
+from grok_deploy.manifest import (check_replaceable, clean_stale, commit, fingerprint, folder_bytes, lock, new_tmp,
+                                  read_manifest, replace_problem)
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
 from grok_deploy.pipeline.stages import STAGES, Stage, StageContext
 
@@ -120,42 +121,72 @@ def _run_one(cfg: PipelineConfig, d: Decision, manifests: dict, dirs: dict, stac
         tmp = None
         if d.out:
             clean_stale(d.out)
-            tmp = new_tmp(d.out)
+            check_replaceable(d.out, st.name)
+            tmp = new_tmp(d.out, st.name)
         ctx = StageContext(cfg, tmp, d.out, {u: manifests[u] for u in ups}, {u: dirs[u] for u in ups if u in dirs},
                            stack, services, logging.getLogger(f"grok_deploy.stage.{st.name}"))
         t0 = time.perf_counter()
         try:
             result = dict(st.run(ctx) or {})
+            seconds = time.perf_counter() - t0
+            passed = result.get("passed", True) is not False
+            meta = {"name": st.name, "fingerprint": d.fingerprint, "version": __version__,
+                    "inputs": {k: cfg.get(k) for k in st.keys_for(cfg)},
+                    "upstream": {u: manifests[u]["runner"]["fingerprint"] for u in ups},
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": round(seconds, 3), "complete": True}
+            doc = {**result, "runner": meta}
+            if tmp is not None:
+                commit(tmp, d.out, doc, write=passed, kind=st.name)
+                dirs[st.name] = d.out
         except BaseException:
             log.exception("stage %s failed", st.name)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        seconds = time.perf_counter() - t0
-        passed = result.get("passed", True) is not False
-        meta = {"name": st.name, "fingerprint": d.fingerprint, "version": __version__,
-                "inputs": {k: cfg.get(k) for k in st.keys_for(cfg)},
-                "upstream": {u: manifests[u]["runner"]["fingerprint"] for u in ups},
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(seconds, 3), "complete": True}
-        doc = {**result, "runner": meta}
-        if tmp is not None:
-            commit(tmp, d.out, doc, write=passed)
-            dirs[st.name] = d.out
         log.info("stage %s %s in %.1f s", st.name, "done" if passed else "FAILED its check", seconds)
     manifests[st.name] = doc
     return doc
 
 
+def lock_roots(cfg: PipelineConfig, table: list[Stage] | None = None) -> list[Path]:
+    """The folders whose lock a run holds: the pipeline's folder, and the parent of every output
+    folder outside it."""
+    roots = {cfg.root}
+    for st in STAGES if table is None else table:
+        out = st.out(cfg) if st.out else None
+        if out is not None and not out.is_relative_to(cfg.root):
+            roots.add(out.parent)
+    return sorted(roots)
+
+
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
                  keep_serving: bool = False, table: list[Stage] | None = None, echo=print) -> tuple[int, list[dict]]:
-    """Run the scheduled stages; returns (exit code, summary rows). Raises UserError on bad input."""
+    """Run the scheduled stages; returns (exit code, summary rows). Raises UserError on bad input.
+
+    The run holds the lock of every output root (a second run there gets an `error:` naming this
+    one's pid), first removes what interrupted runs left behind, and refuses, before running
+    anything, an output folder that holds something it did not write."""
+    with ExitStack() as locks:
+        for root in lock_roots(cfg, table):
+            locks.enter_context(lock(root, f"grok-deploy run {cfg.file}"))
+        return _run_locked(cfg, only, force, keep_serving, table, echo)
+
+
+def _run_locked(cfg, only, force, keep_serving, table, echo) -> tuple[int, list[dict]]:
     decisions, problems = schedule(cfg, only, force, keep_serving, table)
     if problems:
         raise UserError(problems[0])
     if any(d.action == "run" and d.stage.reads_source for d in decisions):
         for key, path in cfg.missing_paths():
             raise cfg.fail(key, f"{path} does not exist")
+    for d in decisions:
+        if d.out is not None:
+            clean_stale(d.out)
+    for d in decisions:
+        problem = replace_problem(d.out, d.stage.name) if d.action == "run" and d.out is not None else None
+        if problem:
+            raise UserError(f"stage {d.stage.name}: {problem}")
     manifests = {d.stage.name: d.manifest for d in decisions if d.manifest}  # done: cached or not selected
     dirs = {d.stage.name: d.out for d in decisions if d.manifest}
     rows, code, services = [], 0, {}

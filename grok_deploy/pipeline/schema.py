@@ -8,7 +8,9 @@ Relative paths are relative to the pipeline file's folder.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
+import stat
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,25 +19,37 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from grok_deploy.errors import UserError
+from grok_deploy.manifest import overlaps
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
 from grok_deploy.verify.report import Tolerances as _Tol
 
-PosInt = Annotated[int, Field(gt=0)]
-PosFloat = Annotated[float, Field(gt=0)]
+# Every number has an upper bound (the fuzz of issue 13 found overflows in plan's arithmetic and
+# tracebacks on 5000-digit integers); floats are finite (allow_inf_nan=False below).
+BIG = 1 << 20
+PosInt = Annotated[int, Field(gt=0, le=BIG)]
+PosFloat = Annotated[float, Field(gt=0, le=1e6)]
+Count = Annotated[int, Field(gt=0, le=1024)]  # ranks, instances, workers
 Port = Annotated[int, Field(ge=1, le=65535)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
+MAX_FILE_BYTES = 1 << 20     # a pipeline.yaml is a few KB; /dev/zero or a 4 GB file is refused unread
+MAX_NODES = 100_000          # YAML nodes after alias expansion (a "billion laughs" file has 10^9)
+MAX_INT_DIGITS = 30
+PATH_KEYS = ("model.source.path", "model.source.tokenizer", "server.binary",
+             *(f"outputs.{k}" for k in ("source", "reference", "trtllm_ckpt", "onnx", "engines",
+                                         "triton_repo", "reports", "logs")))
 Plugin = Literal["auto", "bfloat16", "float16", "float32", "disable"]  # auto: the pipeline's dtype
 SHARDS_PROMPT = "The answer to life the universe and everything is of course"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Source(_Section):
     format: Literal["synthetic", "xai", "hf"] = "synthetic"
     path: str | None = None          # xai: folder with ckpt-0/; hf: folder with *.safetensors
     tokenizer: str | None = None     # default: the checkpoint's tokenizer.model
-    seed: int = 0                    # synthetic only
+    seed: Seed = 0                   # synthetic only
 
 
 class Model(_Section):
@@ -44,10 +58,10 @@ class Model(_Section):
 
 
 class Parallel(_Section):
-    tp: PosInt = 1
-    pp: PosInt = 1
-    moe_tp: PosInt | None = None     # default tp // moe_ep
-    moe_ep: PosInt | None = None     # default 1
+    tp: Count = 1
+    pp: Count = 1
+    moe_tp: Count | None = None      # default tp // moe_ep
+    moe_ep: Count | None = None      # default 1
 
 
 class Engine(_Section):
@@ -67,17 +81,17 @@ class Engine(_Section):
     remove_input_padding: bool = True
     use_paged_context_fmha: bool = False  # 0.11-era kernels reject it with Grok's soft-cap
     tokens_per_block: PosInt = 32
-    workers: PosInt = 1
+    workers: Count = 1
 
 
 class Triton(_Section):
     decoupled: bool = True
-    preprocessing_instance_count: PosInt = 1
-    postprocessing_instance_count: PosInt = 1
-    bls_instance_count: PosInt = 1
+    preprocessing_instance_count: Count = 1
+    postprocessing_instance_count: Count = 1
+    bls_instance_count: Count = 1
     batching_strategy: Literal["inflight_fused_batching", "V1"] = "inflight_fused_batching"
     kv_cache_free_gpu_mem_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
-    max_queue_delay_microseconds: Annotated[int, Field(ge=0)] = 0
+    max_queue_delay_microseconds: Annotated[int, Field(ge=0, le=3_600_000_000)] = 0
 
 
 class Server(_Section):
@@ -92,18 +106,18 @@ class Server(_Section):
 class Hardware(_Section):
     gpu_memory_gb: PosFloat = 80.0   # GB = 1e9 bytes
     hbm_bandwidth_gbps: PosFloat = 3350.0
-    gpus_per_node: PosInt = 8
-    headroom_gb: Annotated[float, Field(ge=0)] = 4.3  # activations + workspace (~4 GiB, §9)
+    gpus_per_node: Count = 8
+    headroom_gb: Annotated[float, Field(ge=0, le=1e6)] = 4.3  # activations + workspace (~4 GiB, §9)
 
 
 class VerifyTolerances(_Section):
     logit_tol: PosFloat = _Tol.logit_tol
     int8_logit_tol: PosFloat = _Tol.int8_logit_tol
-    int8_tie_margin: Annotated[float, Field(ge=0)] = _Tol.int8_tie_margin
+    int8_tie_margin: Annotated[float, Field(ge=0, le=1e6)] = _Tol.int8_tie_margin
 
 
 class Verify(_Section):
-    prompts: Annotated[list[str], Field(min_length=1)] = [SHARDS_PROMPT]
+    prompts: Annotated[list[str], Field(min_length=1, max_length=1000)] = [SHARDS_PROMPT]
     max_tokens: PosInt = 16
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
     check_shards: bool = True        # run the TensorRT-LLM checkpoint rank by rank (gloo)
@@ -199,42 +213,102 @@ def line_of(lines: dict, loc: tuple) -> int:
     return lines.get((), 1)
 
 
-def _node_lines(node, path: tuple, lines: dict, file: Path) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value in node.value:
-            key = key_node.value
-            if key in seen:
-                raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
-                                f"{'.'.join(map(str, path + (key,)))}: duplicate key; keep one")
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _node_lines(value, path + (key,), lines, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[path + (i,)] = item.start_mark.line + 1
-            _node_lines(item, path + (i,), lines, file)
+def _node_lines(root, lines: dict, file: Path) -> None:
+    """Fill {key path: line} walking the node tree without recursion; aliases are walked where
+    they are used, so the walk counts the expanded document and stops at MAX_NODES."""
+    todo, seen_nodes = [(root, ())], 0
+    while todo:
+        node, path = todo.pop()
+        seen_nodes += 1
+        if seen_nodes > MAX_NODES:
+            raise UserError(f"{file.name}: more than {MAX_NODES} YAML values once anchors and aliases are expanded "
+                            "(a pipeline file is a few dozen); remove the repeated aliases")
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value in node.value:
+                key = key_node.value
+                if not isinstance(key, str):
+                    raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
+                                    f"{'.'.join(map(str, path)) or '(document)'}: keys must be plain names")
+                if key in seen:
+                    raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
+                                    f"{'.'.join(map(str, path + (key,)))}: duplicate key; keep one")
+                seen.add(key)
+                lines.setdefault(path + (key,), key_node.start_mark.line + 1)
+                todo.append((value, path + (key,)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines.setdefault(path + (i,), item.start_mark.line + 1)
+                todo.append((item, path + (i,)))
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses integers too long to be a setting (Python refuses to print ints of
+    over 4300 digits, and no key needs more than a few)."""
+
+    def construct_yaml_int(self, node):
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(None, None, f"an integer of {digits} digits is too large",
+                                                    node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def read_text_bounded(file: Path, what: str = "pipeline file", limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; UserError for anything else
+    (a folder, a FIFO or a device is refused before it is read, so nothing blocks or fills memory)."""
+    hint = "pass an existing pipeline.yaml" if what == "pipeline file" else f"pass a readable {what}"
+    try:
+        st = os.stat(file)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+            raise UserError(f"{file}: the {what} is {kind}; {hint}")
+        if st.st_size > limit:
+            raise UserError(f"{file}: the {what} is {st.st_size} bytes, more than the {limit} allowed; {hint}")
+        with open(file, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        why = "a symlink loop" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"{file}: cannot read the {what} ({why}); {hint}") from None
+    if len(data) > limit:
+        raise UserError(f"{file}: the {what} is more than {limit} bytes; {hint}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{file.name} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
 
 
 def read_yaml(file: Path) -> tuple[Any, dict]:
     """The document and {key path tuple: 1-based line}."""
+    text = read_text_bounded(file)
+    loader = None
     try:
-        text = file.read_text()
-    except OSError as e:
-        raise UserError(f"{file}: cannot read the pipeline file ({e.strerror}); pass an existing pipeline.yaml") from None
-    loader = yaml.SafeLoader(text)
-    try:
+        loader = _Loader(text)  # its reader refuses control characters here
         node = loader.get_single_node()
+        lines: dict = {(): 1}
+        if node is not None:
+            _node_lines(node, lines, file)
         data = loader.construct_document(node) if node is not None else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        raise UserError(f"{file.name} line {line}: YAML syntax: {getattr(e, 'problem', None) or e}") from None
+        if isinstance(e, yaml.reader.ReaderError):
+            line = text[:e.position].count("\n") + 1
+            raise UserError(f"{file.name} line {line}: character U+{e.character:04X} is not allowed in YAML "
+                            "(control characters such as NUL); remove it") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{file.name} line {line}: YAML syntax: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{file.name}: nested too deeply for a pipeline file (sections are 2-3 levels); "
+                        "flatten it") from None
     finally:
-        loader.dispose()
-    lines: dict = {(): 1}
-    if node is not None:
-        _node_lines(node, (), lines, file)
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
@@ -261,19 +335,36 @@ def _pydantic_message(err: dict) -> str:
         hint = f"did you mean {near[0]!r}? " if near else ""
         return f"unknown key; {hint}known keys here: {', '.join(known)}"
     if err["type"] == "model_type":
-        return f"should be a mapping of keys (indented `key: value` lines), got {err.get('input')!r}"
-    return f"{err['msg']} (got {err.get('input')!r})"
+        return f"should be a mapping of keys (indented `key: value` lines), got {_short(err.get('input'))}"
+    return f"{err['msg']} (got {_short(err.get('input'))})"
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a value for a one-line message, cut to `limit` characters."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints of > 4300 digits, very deep lists
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_pipeline(path: str | Path = "pipeline.yaml") -> PipelineConfig:
     """Parse and validate a pipeline file; raises UserError naming the key and its line."""
-    file = Path(path).expanduser().resolve()
+    if "\0" in str(path):
+        raise UserError(f"{str(path)!r}: the pipeline path contains a NUL character; pass a real file name")
+    try:
+        file = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise UserError(f"{path}: cannot resolve the pipeline path ({e}); pass an existing pipeline.yaml") from None
     data, lines = read_yaml(file)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{file.name} line 1: the pipeline must be a mapping of sections "
                         f"(model:, parallel:, engine: ...), got a {type(data).__name__}")
+    if any(not isinstance(k, str) for k in data):
+        raise UserError(f"{file.name} line 1: section names must be plain words (model:, parallel: ...), "
+                        f"got {_short(next(k for k in data if not isinstance(k, str)))}")
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as e:
@@ -303,10 +394,46 @@ def parallel_problem(m: GrokConfig, tp: int, pp: int, moe_tp: int, moe_ep: int) 
     return next(((k, msg) for k, bad, msg in rules if bad), None)
 
 
+def check_paths(cfg: PipelineConfig) -> None:
+    """Paths: no NUL, none too long; output folders overlap neither the source, nor the
+    pipeline's own folder, nor each other (a stage replaces its whole folder)."""
+    for key in PATH_KEYS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if "\0" in value:
+            raise cfg.fail(key, "contains a NUL character; give a real path")
+        if not value.strip():
+            raise cfg.fail(key, "is empty; give a path")
+        if len(os.fsencode(value)) > 4000 or any(len(os.fsencode(p)) > 255 for p in Path(value).parts):
+            raise cfg.fail(key, "is too long for a path (4000 bytes, 255 per name)")
+    outs = {name: cfg.output(name) for name in Outputs.model_fields}
+    src = cfg.model.source
+    sources = [("model.source.path", cfg.resolve(src.path))] if src.format != "synthetic" and src.path else []
+    if src.tokenizer:
+        sources.append(("model.source.tokenizer", cfg.resolve(src.tokenizer)))
+    real_root = Path(os.path.realpath(cfg.root))
+    for name, out in outs.items():
+        if real_root.is_relative_to(os.path.realpath(out)):
+            raise cfg.fail(f"outputs.{name}", f"{out} holds the pipeline's own folder {cfg.root}; a stage replaces "
+                           f"its whole output folder: use a subfolder such as export/{name}")
+    for name, out in outs.items():
+        for skey, path in sources:
+            if overlaps(out, path):
+                raise cfg.fail(f"outputs.{name}", f"{out} overlaps {skey} {path}; output folders must lie outside "
+                               "the source")
+    for name, out in outs.items():
+        for other, o in outs.items():
+            if other < name and overlaps(out, o):
+                raise cfg.fail(f"outputs.{name}", f"{out} overlaps outputs.{other} {o}; each stage needs a folder "
+                               "of its own")
+
+
 def check(cfg: PipelineConfig) -> None:
     """The checks types cannot express; fills moe_tp/moe_ep defaults."""
+    check_paths(cfg)
     if cfg.model.preset not in PRESETS:
-        raise cfg.fail("model.preset", f"unknown preset {cfg.model.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        raise cfg.fail("model.preset", f"unknown preset {_short(cfg.model.preset)}; known: {', '.join(sorted(PRESETS))}")
     m, par, eng, src = cfg.grok, cfg.parallel, cfg.engine, cfg.model.source
     if src.format != "synthetic" and not src.path:
         raise cfg.fail("model.source", f"format {src.format} needs `path:` (the checkpoint folder)")

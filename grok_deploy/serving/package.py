@@ -148,7 +148,7 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
     _check_engine(kind, engine_dir)
     configs = render_configs(cfg, kind, engine_dir)
     models = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "package") as tmp:
         for model, (name, text) in configs.items():
             version = tmp / model / "1"
             version.mkdir(parents=True)

@@ -10,6 +10,7 @@ Without `tensorrt_llm`: a UserError with the exact command this stage would run.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import sha256_file
+from grok_deploy.manifest import MARK, check_replaceable, clean_stale, commit, mark, sha256_file
 from grok_deploy.trtllm import names as tn
 
 # engine options (pipeline.yaml `engine:`) and their defaults; each is the trtllm-build flag of
@@ -180,7 +181,9 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
         raise UserError(f"{ckpt_dir}: not a complete convert output (config.json and manifest.json "
                         f"needed: {e}); run convert first")
     opts = engine_options(engine_opts, config)
-    work = out.parent / (out.name + ".tmp-build")
+    check_replaceable(out, "build")
+    # per process, so that two builds never share it; clean_stale removes it once the pid is gone
+    work = out.parent / f"{out.name}.tmp-{os.getpid()}-build"
     needs_preprocessing = ckpt_manifest.get("preprocessed") is False and config["quantization"].get("quant_algo")
     build_ckpt = work / "checkpoint" if needs_preprocessing else ckpt_dir
     trtllm, why = _import_trtllm()
@@ -191,6 +194,7 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
         raise UserError(f"the trtllm backend needs a GPU host with TensorRT-LLM ({why}); there this stage "
                         f"{pre}runs: {shlex.join(cmd)}")
     t0 = time.perf_counter()
+    clean_stale(out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -204,23 +208,24 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
             raise UserError(f"trtllm-build failed with exit {rc}; last lines of {log}: {tail}")
         engine = work / "engine"
         shutil.move(str(log), engine / "build.log")
-        if out.exists():
-            shutil.rmtree(out)
-        engine.rename(out)
+        mark(engine, "build")
+        manifest = _manifest(cmd, opts, ckpt_dir, needs_preprocessing, config, trtllm, t0, engine)
+        commit(engine, out, manifest)  # replaces only an earlier build (or nothing); manifest last
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    manifest = {
+    return manifest
+
+
+def _manifest(cmd, opts, ckpt_dir: Path, needs_preprocessing, config, trtllm, t0, engine: Path) -> dict:
+    return {
         "produced_by": "grok-deploy build", "backend": "trtllm", "command": cmd, "engine_opts": opts,
         "checkpoint": str(ckpt_dir.resolve()), "checkpoint_manifest_sha256": sha256_file(ckpt_dir / "manifest.json"),
         "preprocessed_here": bool(needs_preprocessing), "mapping": config["mapping"],
         "tensorrt_llm_version": getattr(trtllm, "__version__", "unknown"), "gpu": _gpu(),
         "seconds": round(time.perf_counter() - t0, 2),
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                  for p in sorted(out.iterdir()) if p.is_file()},
+                  for p in sorted(engine.iterdir()) if p.is_file() and p.name not in (MARK, "manifest.json")},
     }
-    from grok_deploy.manifest import write_json_atomic
-    write_json_atomic(out / "manifest.json", manifest, indent=2)
-    return manifest
 
 
 def _gpu() -> str | None:

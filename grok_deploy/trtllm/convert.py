@@ -23,14 +23,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import write_json_atomic
+from grok_deploy.manifest import check_output, clean_stale, commit, new_tmp
 from grok_deploy.model import names
 from grok_deploy.trtllm import names as tn
 from grok_deploy.trtllm import shard
@@ -284,17 +283,29 @@ class RankProducer:
 
 _CKPTS: dict = {}
 _SINK = None  # progress: a multiprocessing queue in workers, a callable in-process
+PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(queue) -> None:
-    global _SINK
-    _SINK = queue
+def die_with_parent(parent: int) -> None:
+    """In a worker: get SIGKILL from the kernel when the parent dies (Linux prctl), even by
+    SIGKILL, and ignore Ctrl-C (it reaches the whole process group; the parent handles it and
+    stops the workers)."""
+    import ctypes
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's clean-up still stops the workers
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
 
 
 def _report(nbytes: int) -> None:
     if _SINK is None:
         return
-    _SINK.put(nbytes) if hasattr(_SINK, "put") else _SINK(nbytes)
+    _SINK.put(("bytes", nbytes)) if hasattr(_SINK, "put") else _SINK(nbytes)
 
 
 def convert_rank(job: dict) -> dict:
@@ -313,6 +324,11 @@ def convert_rank(job: dict) -> dict:
     try:
         pending = writer.size - sum(s.nbytes for s in specs)  # the header
         for name, chunk in producer:
+            if chunk.dtype != np.int8 and not np.isfinite(chunk).all():
+                bad = int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+                raise UserError(f"{job['src']}: {bad} non-finite values (NaN or inf) going into {name} of rank "
+                                f"{rank}; the checkpoint is corrupt (`grok-deploy inspect` names the tensors); "
+                                "download it again")
             writer.write(name, chunk)
             pending += chunk.nbytes
             if pending >= REPORT_BYTES:
@@ -326,7 +342,26 @@ def convert_rank(job: dict) -> dict:
     return {"file": path.name, "bytes": writer.size, "sha256": sha, "errors": producer.errors}
 
 
+def _worker(jobs: list[dict], queue, parent: int) -> None:
+    """A worker process: its ranks one after the other; results and failures go to `queue`."""
+    global _SINK
+    die_with_parent(parent)
+    _SINK = queue
+    for job in jobs:
+        try:
+            queue.put(("done", job["rank"], convert_rank(job)))
+        except UserError as e:
+            queue.put(("user", job["rank"], str(e)))
+            return
+        except BaseException:
+            import traceback
+            queue.put(("bug", job["rank"], traceback.format_exc()))
+            return
+
+
 def _run(jobs: list[dict], workers: int, on_bytes) -> list[dict]:
+    """Convert every job's rank; `workers` > 1: in that many processes, which die with this one
+    (parent-death signal) and are killed here on any failure, Ctrl-C or SIGTERM."""
     global _SINK
     if workers <= 1 or len(jobs) == 1:
         _SINK = on_bytes
@@ -335,25 +370,47 @@ def _run(jobs: list[dict], workers: int, on_bytes) -> list[dict]:
         finally:
             _SINK = None
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
     from queue import Empty
 
     ctx = mp.get_context("spawn")  # no fork of a parent holding open files and threads
     queue = ctx.Queue()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        futures = [pool.submit(convert_rank, j) for j in jobs]
-        while not all(f.done() for f in futures):
+    procs = [ctx.Process(target=_worker, args=(jobs[i::workers], queue, os.getpid()), daemon=True)
+             for i in range(workers)]
+    results: dict[int, dict] = {}
+    try:
+        for p in procs:
+            p.start()
+        while len(results) < len(jobs):
             try:
-                on_bytes(queue.get(timeout=0.05))
+                kind, *rest = queue.get(timeout=0.1)
             except Empty:
-                pass
-            failed = next((f for f in futures if f.done() and f.exception()), None)
-            if failed:  # stop the other ranks instead of finishing them for nothing
-                pool.shutdown(wait=True, cancel_futures=True)
-                failed.result()
-        while not queue.empty():
-            on_bytes(queue.get())
-        return [f.result() for f in futures]
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # e.g. the kernel's OOM killer: a clear error, nothing kept
+                    code = dead[0].exitcode
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    raise UserError(f"convert: a worker process (pid {dead[0].pid}) {how}"
+                                    f"{' (out of memory?)' if code == -9 else ''}; nothing was kept; "
+                                    "run again, with fewer --workers if memory is short")
+                continue
+            if kind == "bytes":
+                on_bytes(rest[0])
+            elif kind == "done":
+                results[rest[0]] = rest[1]
+            elif kind == "user":
+                raise UserError(rest[1])
+            else:
+                raise RuntimeError(f"convert worker for rank {rest[0]} failed:\n{rest[1]}")
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            if p.pid is not None:
+                p.join()
+        queue.close()
+    return [results[j["rank"]] for j in jobs]
 
 
 # --- the stage ---------------------------------------------------------------------------------------
@@ -363,29 +420,12 @@ def _progress_bar(total: int, enabled: bool):
     return Progress(total, "convert", show=None if enabled else False)
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise UserError(f"{out}: exists and is not a TensorRT-LLM checkpoint folder; choose a new "
-                        "folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` (absent, empty or an older conversion) by `tmp` with renames."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-        out.rename(old / "x")
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert(src, out, tp: int, moe_tp: int | None = None, moe_ep: int | None = None, pp: int = 1,
             quant: str = "w8a16", dtype: str = "bfloat16", workers: int | None = None,
             progress: bool = True, preset: str | None = None) -> dict:
-    """Convert checkpoint `src` into the TensorRT-LLM checkpoint folder `out`; returns its manifest."""
-    from grok_deploy import __version__
+    """Convert checkpoint `src` into the TensorRT-LLM checkpoint folder `out`; returns its manifest.
+
+    `out` may not overlap `src` and must be absent, empty or an earlier conversion."""
     from grok_deploy.checkpoint import open_checkpoint
 
     if quant not in QUANTS:
@@ -399,29 +439,44 @@ def convert(src, out, tp: int, moe_tp: int | None = None, moe_ep: int | None = N
     if problems:
         raise UserError("cannot shard this way: " + "; ".join(problems))
     out = Path(out)
-    _prepare_out(out)
+    check_output(out, ckpt.path, "convert")
     workers = max(1, min(m.world, workers or os.cpu_count() or 1))
     requant = requantized_parts(cfg, m, quant, ckpt.format)
     total = sum(s.nbytes for r in range(m.world) for s in rank_specs(cfg, m, r, quant, dtype))
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    clean_stale(out)
+    tmp = new_tmp(out, "convert")
     try:
         config = trtllm_config(cfg, m, quant, dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        config_bytes = (json.dumps(config, indent=2) + "\n").encode()
+        (tmp / "config.json").write_bytes(config_bytes)
         jobs = [{"src": str(src), "preset": cfg, "dir": str(tmp), "mapping": m.to_dict(),
                  "rank": r, "quant": quant, "dtype": dtype} for r in range(m.world)]
         with _progress_bar(total, progress) as bar:
             results = _run(jobs, workers, lambda n: bar.update(n, items=0))
-        _swap_in(tmp, out)
+        manifest = _manifest(src, ckpt, m, quant, dtype, requant, workers, t0, config_bytes, results)
+        commit(tmp, out, manifest)  # manifest.json last
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    errors = manifest["requant_errors"]
+    if errors:
+        why = ("the release's 8 K-block scales do not line up with this split" if ckpt.format == "xai"
+               else "the source is not int8")
+        print(f"requantised per output channel ({why}): {', '.join(sorted(errors))}; largest error "
+              f"introduced {manifest['requant_max_abs_error']:.3e}", file=sys.stderr)
+    return manifest
+
+
+def _manifest(src, ckpt, m: Mapping, quant, dtype, requant, workers, t0, config_bytes, results) -> dict:
+    from grok_deploy import __version__
+
+    cfg = ckpt.config
     errors: dict[str, float] = {}
     for res in results:
         for part, err in res.pop("errors").items():
             errors[part] = max(errors.get(part, 0.0), err)
-    config_bytes = (out / "config.json").read_bytes()
-    manifest = {
+    return {
         "produced_by": "grok-deploy convert", "version": __version__, "source": str(Path(src).resolve()),
         "source_format": ckpt.format, "config": cfg.name, "mapping": m.to_dict(),
         "quant": quant, "dtype": dtype,
@@ -434,18 +489,14 @@ def convert(src, out, tp: int, moe_tp: int | None = None, moe_ep: int | None = N
                                   "sha256": hashlib.sha256(config_bytes).hexdigest()},
                   **{r["file"]: {"bytes": r["bytes"], "sha256": r["sha256"]} for r in results}},
     }
-    write_json_atomic(out / "manifest.json", manifest, indent=2)
-    if errors:
-        why = ("the release's 8 K-block scales do not line up with this split" if ckpt.format == "xai"
-               else "the source is not int8")
-        print(f"requantised per output channel ({why}): {', '.join(sorted(errors))}; largest error "
-              f"introduced {manifest['requant_max_abs_error']:.3e}", file=sys.stderr)
-    return manifest
 
 
 def cli_convert(args) -> int:
-    man = convert(args.ckpt, args.out, args.tp, args.moe_tp, args.moe_ep, args.pp, args.quant,
-                  args.dtype, args.workers, progress=True, preset=getattr(args, "preset", None))
+    from grok_deploy.manifest import lock
+
+    with lock(Path(args.out).resolve().parent, f"grok-deploy convert {args.out}"):
+        man = convert(args.ckpt, args.out, args.tp, args.moe_tp, args.moe_ep, args.pp, args.quant,
+                      args.dtype, args.workers, progress=True, preset=getattr(args, "preset", None))
     mp = man["mapping"]
     print(f"wrote {args.out}: {mp['world_size']} rank files (tp {mp['tp_size']}, moe_tp "
           f"{mp['moe_tp_size']}, moe_ep {mp['moe_ep_size']}, pp {mp['pp_size']}), "

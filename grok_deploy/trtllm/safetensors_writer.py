@@ -94,7 +94,7 @@ def read_header(path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        raw = f.read(n) if 0 < n <= min(size, 100 << 20) else b""
+        raw = f.read(n) if 0 < n <= min(size, 16 << 20) else b""  # our headers are < 1 MB
     try:
         header = json.loads(raw)
     except ValueError:

@@ -9,6 +9,7 @@ Writes into `out`:
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -66,6 +67,25 @@ def load_golden(ref_dir) -> tuple[dict, dict[str, np.ndarray]]:
     return doc, full
 
 
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflow float32 (use 0 for greedy)
+MAX_TEMPERATURE = 100.0
+
+
+def check_sampling(temperature: float, top_p: float, seed: int) -> None:
+    """Refuse sampling settings that would crash, or silently mean greedy: UserError naming the flag."""
+    from grok_deploy.errors import UserError
+
+    if not math.isfinite(temperature) or temperature < 0 or temperature > MAX_TEMPERATURE:
+        raise UserError(f"--temperature {temperature}: give a number from 0 (greedy) to {MAX_TEMPERATURE:g}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise UserError(f"--temperature {temperature}: below {MIN_TEMPERATURE:g} the scaled logits overflow; "
+                        "use 0 for greedy decoding")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: give a number in (0, 1]")
+    if not 0 <= seed < 1 << 64:
+        raise UserError(f"--seed {seed}: give an integer from 0 to 2^64 - 1")
+
+
 def cli_generate(args) -> int:
     """`grok-deploy generate`: the reference run of one prompt, on the CPU."""
     import torch
@@ -75,13 +95,23 @@ def cli_generate(args) -> int:
     from grok_deploy.model.generate import generate, load_model
     from grok_deploy.model.tokenizer import load_tokenizer
 
+    check_sampling(args.temperature, args.top_p, args.seed)
     if args.max_tokens <= 0:
         raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"--prompt: not valid text (character {e.object[e.start]!r} at {e.start} cannot be "
+                        "encoded as UTF-8); pass UTF-8 text") from None
     ckpt = open_checkpoint(args.ckpt, preset=args.preset)
     tok = load_tokenizer(ckpt.tokenizer_path)
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise UserError("--prompt encodes to no tokens; give a non-empty prompt")
+    room = ckpt.config.sequence_len - len(prompt_ids)
+    if args.max_tokens > room:
+        raise UserError(f"--max-tokens {args.max_tokens}: the prompt's {len(prompt_ids)} tokens leave room for "
+                        f"{max(room, 0)} in {ckpt.config.name}'s {ckpt.config.sequence_len} positions; ask for at most that")
     model = load_model(ckpt, args.dtype)
     torch.manual_seed(args.seed)
     res = generate(model, [prompt_ids], args.max_tokens, args.temperature, args.top_p, args.seed,

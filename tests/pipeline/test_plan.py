@@ -129,7 +129,7 @@ def test_tiny_plan_text_and_cached_stages(tmp_path, capsys):
     f.write_text((ROOT / "pipeline.yaml").read_text())
     cfg = load_pipeline(f)
     source = schedule(cfg)[0][0]
-    tmp = new_tmp(source.out)  # a finished source stage, as the runner leaves it
+    tmp = new_tmp(source.out, "source")  # a finished source stage, as the runner leaves it
     commit(tmp, source.out, {"checkpoint": str(source.out), "runner": {"fingerprint": source.fingerprint, "complete": True}})
     assert main(["plan", str(f)]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ import pytest
 
 from grok_deploy.cli import main
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import atomic_dir, commit, new_tmp, read_manifest
+from grok_deploy.manifest import atomic_dir, commit, mark, new_tmp, read_manifest
 from grok_deploy.pipeline.runner import run_pipeline, schedule
 from grok_deploy.pipeline.schema import load_pipeline
 from grok_deploy.pipeline.stages import Stage
@@ -260,10 +260,14 @@ def test_commit_keeps_readme_merges_core_manifest_and_manifest_last(tmp_path):
     (out / "README.md").write_text("committed")
     (out / "old.txt").write_text("old")
     tmp = new_tmp(out)
+    with pytest.raises(UserError, match="old.txt"):  # a folder we did not write is never replaced
+        commit(tmp, out)
+    assert (out / "old.txt").read_text() == "old" and tmp.is_dir()
+    mark(out, "package")  # now ours (the package stage's)
     (tmp / "model.txt").write_text("new")
     (tmp / "manifest.json").write_text(json.dumps({"preprocessed": False, "stage": "convert"}))  # the core's own
     commit(tmp, out, {"runner": {"name": "package", "fingerprint": "f", "complete": True}})
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "manifest.json", "model.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".grok-deploy", "README.md", "manifest.json", "model.txt"]
     assert read_manifest(out) == {"preprocessed": False, "stage": "convert", "runner": {"name": "package", "fingerprint": "f", "complete": True}}
     assert not list(tmp_path.glob("triton_repo.*"))
     (out / "manifest.json").write_text('{"runner": {"name": "package", "fingerprint": "f"')  # torn write
@@ -278,7 +282,7 @@ def test_commit_keeps_readme_merges_core_manifest_and_manifest_last(tmp_path):
     with atomic_dir(tmp_path / "x") as t:
         (t / "manifest.json").write_text("{}")
         (t / "a").write_text("a")
-    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["a"]  # an empty manifest is not written
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [".grok-deploy", "a"]  # an empty manifest is not written
 
 
 def test_progress_counts_bytes_and_tensors():

@@ -96,7 +96,7 @@ def test_without_tensorrt_llm_the_error_names_the_command(tmp_path, monkeypatch)
     msg = str(e.value)
     assert msg.startswith("the trtllm backend needs a GPU host with TensorRT-LLM")
     assert "preprocess_weights_for_mixed_gemm" in msg and "\n" not in msg
-    assert f"trtllm-build --checkpoint_dir {tmp_path}/engine.tmp-build/checkpoint --output_dir " in msg
+    assert f"trtllm-build --checkpoint_dir {tmp_path}/engine.tmp-{os.getpid()}-build/checkpoint --output_dir " in msg
     assert "--moe_plugin bfloat16" in msg and "--max_batch_size 4" in msg
     assert not (tmp_path / "engine").exists()
 
@@ -145,7 +145,7 @@ def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
 
     man = build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine", {"max_batch_size": 4})
     out = tmp_path / "engine"
-    assert sorted(p.name for p in out.iterdir()) == ["build.log", "config.json", "manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == [".grok-deploy", "build.log", "config.json", "manifest.json",
                                                      "rank0.engine", "rank1.engine"]
     assert man["preprocessed_here"] and man["tensorrt_llm_version"] == "0.0.fake"
     assert man["command"][0] == str(exe) and "--max_batch_size" in man["command"]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from grok_deploy.checkpoint import open_checkpoint
 from grok_deploy.cli import main
 from grok_deploy.errors import UserError
+from grok_deploy.manifest import MARK
 from grok_deploy.model import names
 from grok_deploy.trtllm.convert import RankProducer, convert
 
@@ -135,7 +136,7 @@ def test_rank_tensors_as_documented(tiny_ckpt, tmp_path, layout):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mapping"] == {"world_size": tp * pp, "tp_size": tp, "pp_size": pp,
                               "moe_tp_size": mtp, "moe_ep_size": ep}
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.iterdir() if p.name != MARK) == sorted(
         ["config.json", "manifest.json"] + [f"rank{r}.safetensors" for r in range(tp * pp)])
     for r in range(tp * pp):
         want = documented_tensors(tp, mtp, ep, pp, r)
@@ -255,8 +256,9 @@ def test_workers_give_identical_files(tiny_ckpt, tmp_path):
 def test_foreign_output_folder_is_refused(tiny_ckpt, tmp_path):
     (tmp_path / "trt").mkdir()
     (tmp_path / "trt" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a TensorRT-LLM checkpoint folder"):
+    with pytest.raises(UserError, match="is not empty and was not written by grok-deploy convert"):
         _convert(tiny_ckpt, tmp_path / "trt", LAYOUTS["tp2"])
+    assert sorted(p.name for p in (tmp_path / "trt").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,0 +1,71 @@
+"""Helpers of the reliability tests: run the CLI in a subprocess, digest folders, check leftovers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KILLER = HERE / "killer.py"
+VOLATILE = {"seconds", "created", "tokens_per_s", "workers"}  # timings in manifests, nothing else
+
+
+def cli(*args, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "grok_deploy.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def killed_at(point: int, count_file: Path, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The command of `args`, SIGKILLed at its `point`-th write point (0: run to the end)."""
+    return subprocess.run([sys.executable, str(KILLER), str(point), str(count_file), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `error: ...` line a user error prints (progress lines aside); fails otherwise."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def _strip(doc):
+    if isinstance(doc, dict):
+        return {k: _strip(v) for k, v in doc.items() if k not in VOLATILE}
+    if isinstance(doc, list):
+        return [_strip(v) for v in doc]
+    return doc
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (manifests without their timings)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name == ".grok-deploy.lock":
+            continue
+        data = p.read_bytes()
+        if p.name == "manifest.json":
+            data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
+        out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary and old folders of interrupted writes under `parent` (recursively)."""
+    return sorted(str(p.relative_to(parent)) for p in parent.rglob("*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def trusted_or_absent(out: Path) -> None:
+    """After a kill: `out` is absent, or has no manifest (not done), or every file its manifest
+    lists has the bytes and hash it says: never a half-written folder that looks done."""
+    man = out / "manifest.json"
+    if not man.is_file():
+        return
+    files = json.loads(man.read_text()).get("files", {})
+    for name, meta in files.items():
+        f = out / name
+        assert f.is_file() and f.stat().st_size == meta["bytes"], name
+        if "sha256" in meta:
+            assert hashlib.sha256(f.read_bytes()).hexdigest() == meta["sha256"], name
