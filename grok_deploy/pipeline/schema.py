@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from grok_deploy.errors import UserError
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
+from grok_deploy.serving.deploy import address_problem
 from grok_deploy.verify.report import Tolerances as _Tol
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -333,6 +334,9 @@ def check(cfg: PipelineConfig) -> None:
             raise cfg.fail("engine.gpt_attention_plugin", "the attention plugin carries Grok's tanh soft-cap; it cannot be disabled")
         if cfg.triton.batching_strategy != "V1" and not (eng.paged_kv_cache and eng.remove_input_padding):
             raise cfg.fail("engine.paged_kv_cache", "in-flight batching needs paged_kv_cache and remove_input_padding")
+    bad_address = address_problem(cfg.server.address)
+    if bad_address:
+        raise cfg.fail("server.address", bad_address)
     ports = {"server.grpc_port": cfg.server.grpc_port, "server.http_port": cfg.server.http_port,
              "server.metrics_port": cfg.server.metrics_port}
     if len(set(ports.values())) < 3:
