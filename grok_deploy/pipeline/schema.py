@@ -342,6 +342,12 @@ def check(cfg: PipelineConfig) -> None:
     if len(set(ports.values())) < 3:
         key = next(k for k in list(ports)[1:] if list(ports.values()).count(ports[k]) > 1)
         raise cfg.fail(key, f"port {ports[key]} is used twice; the gRPC, HTTP and metrics ports must differ")
-    for i, prompt in enumerate(cfg.verify.prompts):
+    for key, prompt in [*((f"verify.prompts.{i}", p) for i, p in enumerate(cfg.verify.prompts)),
+                        ("verify.shards_prompt", cfg.verify.shards_prompt)]:
         if not prompt.strip():
-            raise cfg.fail(f"verify.prompts.{i}", "empty prompt")
+            raise cfg.fail(key, "empty prompt")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # YAML's "\ud800" escape makes a lone surrogate
+            raise cfg.fail(key, f"not valid Unicode text: {prompt[e.start]!r} at character {e.start} "
+                           f"({e.reason}); write the character itself") from None

@@ -181,6 +181,8 @@ def next_token(logits: np.ndarray, p: Params, context: list[int], n_out: int, ge
     x = torch.from_numpy(np.array(logits, np.float32, copy=True))
     if p.embedding_bias is not None:
         x += torch.from_numpy(p.embedding_bias)
+    if torch.isnan(x).any():  # argmax would still pick a token: garbage, not an answer
+        raise FloatingPointError(f"the logits of this sequence have {int(torch.isnan(x).sum())} NaN value(s)")
     if n_out < p.min_tokens and 0 <= p.end_id < x.numel():
         x[p.end_id] = MASKED
     for w in p.bad_words:
