@@ -5,6 +5,11 @@ to `export/logs/`, waits for /v2/health/ready with a deadline and, on failure, r
 with the cause (port in use, a model that fails to load) and the log tail. On exit it sends
 SIGTERM, waits, then kills the group; an atexit hook and the parent-death signal make sure no
 server outlives its Python process. triton-serving.md §9.
+
+The address is checked (no control characters, IPv4 only) and resolved before anything starts
+(`localhost` -> 127.0.0.1); 0.0.0.0 is warned about. The python backend's /dev/shm regions carry
+the owner's pid (`grokdeploy<pid>_<port>_`): stop removes its own (a killed or crashed server
+leaves them), and each start removes those of owners that died before their stop could run.
 """
 from __future__ import annotations
 
