@@ -26,7 +26,8 @@ def cli_serve(args) -> int:
         from grok_deploy.serving.deploy import TritonServer
 
         with TritonServer(cfg) as server:
-            print(f"serving {server.repo} (pid {server.pid}): gRPC {server.grpc_url}, HTTP {server.http_url}, "
+            print(f"serving {server.repo} (pid {server.pid}) on {server.listening}: gRPC {server.grpc_url}, "
+                  f"HTTP {server.http_url}, "
                   f"metrics {server.metrics_url}; log {server.log_path}; Ctrl-C to stop", flush=True)
             code = server.wait()
             raise UserError(f"tritonserver exited with code {code}; see {server.log_path}")

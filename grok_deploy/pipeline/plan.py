@@ -15,6 +15,7 @@ from grok_deploy.errors import UserError
 from grok_deploy.manifest import replace_problem
 from grok_deploy.model.config import GrokConfig
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
+from grok_deploy.serving.deploy import exposed
 from grok_deploy.trtllm.build import trtllm_build_args
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -166,6 +167,10 @@ def plan_doc(cfg: PipelineConfig) -> dict:
     mem, roof = memory_estimate(cfg), roofline(cfg)
     warnings = [f"{cfg.where(k)}: {path} does not exist; `run` needs it for the stages that read the source"
                 for k, path in cfg.missing_paths()] + problems
+    if exposed(cfg.server.address):
+        warnings.append(f"{cfg.where('server.address')}: {cfg.server.address} makes the server listen on every "
+                        "network interface, reachable from other machines without authentication; use 127.0.0.1 "
+                        "to keep it local")
     return {
         "pipeline": str(cfg.file), "preset": cfg.model.preset, "backend": cfg.engine.backend,
         "stages": [{"name": d.stage.name, "status": STATUS.get(d.action, d.action), "reason": d.reason,

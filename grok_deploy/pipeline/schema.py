@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from grok_deploy.errors import UserError
 from grok_deploy.manifest import overlaps
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
+from grok_deploy.serving.deploy import address_problem
 from grok_deploy.verify.report import Tolerances as _Tol
 
 # Every number has an upper bound (the fuzz of issue 13 found overflows in plan's arithmetic and
@@ -460,11 +461,20 @@ def check(cfg: PipelineConfig) -> None:
             raise cfg.fail("engine.gpt_attention_plugin", "the attention plugin carries Grok's tanh soft-cap; it cannot be disabled")
         if cfg.triton.batching_strategy != "V1" and not (eng.paged_kv_cache and eng.remove_input_padding):
             raise cfg.fail("engine.paged_kv_cache", "in-flight batching needs paged_kv_cache and remove_input_padding")
+    bad_address = address_problem(cfg.server.address)
+    if bad_address:
+        raise cfg.fail("server.address", bad_address)
     ports = {"server.grpc_port": cfg.server.grpc_port, "server.http_port": cfg.server.http_port,
              "server.metrics_port": cfg.server.metrics_port}
     if len(set(ports.values())) < 3:
         key = next(k for k in list(ports)[1:] if list(ports.values()).count(ports[k]) > 1)
         raise cfg.fail(key, f"port {ports[key]} is used twice; the gRPC, HTTP and metrics ports must differ")
-    for i, prompt in enumerate(cfg.verify.prompts):
+    for key, prompt in [*((f"verify.prompts.{i}", p) for i, p in enumerate(cfg.verify.prompts)),
+                        ("verify.shards_prompt", cfg.verify.shards_prompt)]:
         if not prompt.strip():
-            raise cfg.fail(f"verify.prompts.{i}", "empty prompt")
+            raise cfg.fail(key, "empty prompt")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # YAML's "\ud800" escape makes a lone surrogate
+            raise cfg.fail(key, f"not valid Unicode text: {prompt[e.start]!r} at character {e.start} "
+                           f"({e.reason}); write the character itself") from None

@@ -139,7 +139,7 @@ def run_deploy(ctx: StageContext) -> dict:
     from grok_deploy.serving.deploy import TritonServer
 
     server = ctx.stack.enter_context(TritonServer(ctx.cfg, ctx.dirs["package"]))
-    url = f"{ctx.cfg.server.address}:{ctx.cfg.server.grpc_port}"
+    url = server.grpc_url  # the resolved host and the port actually bound (0.0.0.0 is reached on 127.0.0.1)
     ctx.services.update(server=server, url=url)
     return {"url": url}
 

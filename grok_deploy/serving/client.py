@@ -79,6 +79,16 @@ def stream_request(url: str, model: str, inputs: list, timeout: float = 120.0) -
         client.close()
 
 
+def utf8(text: str, what: str = "prompt") -> bytes:
+    """`text` as UTF-8; UserError naming the character when it cannot be (a lone surrogate, e.g.
+    from a command-line argument that is not UTF-8)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what}: not valid Unicode text: {text[e.start]!r} at character {e.start} "
+                        f"({e.reason}); pass UTF-8 text") from None
+
+
 def query(url: str, text: str, max_tokens: int = 32, stream: bool = False, model: str = "ensemble",
           on_text: Callable[[str], None] | None = None, timeout: float = 120.0, **sampling) -> dict:
     """One prompt to the ensemble (or tensorrt_llm_bls: same I/O). Returns {"text": str}: the
@@ -88,7 +98,7 @@ def query(url: str, text: str, max_tokens: int = 32, stream: bool = False, model
     if unknown:
         raise TypeError(f"unknown ensemble inputs {sorted(unknown)}; known: {sorted(ENSEMBLE_INPUTS)}")
     sampling.setdefault("exclude_input_in_output", True)
-    inputs = [tensor("text_input", [[text.encode("utf-8")]], object), tensor("max_tokens", [[max_tokens]], np.int32),
+    inputs = [tensor("text_input", [[utf8(text)]], object), tensor("max_tokens", [[max_tokens]], np.int32),
               tensor("stream", [[stream]], np.bool_)]
     inputs += [tensor(k, [[v]], ENSEMBLE_INPUTS[k]) for k, v in sampling.items() if v is not None]
     parts = []

@@ -5,6 +5,11 @@ to `export/logs/`, waits for /v2/health/ready with a deadline and, on failure, r
 with the cause (port in use, a model that fails to load) and the log tail. On exit it sends
 SIGTERM, waits, then kills the group; an atexit hook and the parent-death signal make sure no
 server outlives its Python process. triton-serving.md §9.
+
+The address is checked (no control characters, IPv4 only) and resolved before anything starts
+(`localhost` -> 127.0.0.1); 0.0.0.0 is warned about. The python backend's /dev/shm regions carry
+the owner's pid (`grokdeploy<pid>_<port>_`): stop removes its own (a killed or crashed server
+leaves them), and each start removes those of owners that died before their stop could run.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from pathlib import Path
 from grok_deploy.errors import UserError
 
 EXIT_TIMEOUT_S = 10  # --exit-timeout-secs: in-flight requests get this long on SIGTERM
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "grokdeploy"  # python-backend regions: grokdeploy<owner pid>_<grpc port>_[r<rank>_]<uuid>
 BENIGN = ("CudaDriverHelper has not been initialized", "unable to create stream for ensemble")  # CPU hosts
 
 
@@ -82,6 +89,84 @@ def find_tritonserver(binary: str | None = "auto") -> TritonBinary:
     return found
 
 
+def address_problem(address: str) -> str | None:
+    """Why `address` cannot be a server address, from its text alone (no name lookup), or None."""
+    import ipaddress
+
+    if not address or any(c.isspace() or not c.isprintable() for c in address):
+        return (f"{address!r} is not a host address (empty, or has control characters or spaces); "
+                "use 127.0.0.1, 0.0.0.0 or a host name")
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return (f"{address} is an IPv6 address; the server's addresses are IPv4 here: use 127.0.0.1 "
+                "(this machine) or 0.0.0.0 (every interface)")
+    return None
+
+
+def bind_address(address: str, key: str = "server.address") -> str:
+    """The numeric IPv4 address the server binds for `address`: a name like `localhost` resolves
+    here, so that Triton and the readiness probe agree on it (Triton given `localhost` may bind
+    ::1 while the probe tries 127.0.0.1). UserError for what cannot work."""
+    problem = address_problem(address)
+    if problem:
+        raise UserError(f"{key}: {problem}")
+    try:
+        infos = socket.getaddrinfo(address, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"{key}: host name {address!r} cannot be resolved to an IPv4 address ({e}); "
+                        "use 127.0.0.1 or a name in /etc/hosts") from None
+    return infos[0][4][0]
+
+
+def exposed(address: str) -> bool:
+    """True when a server on `address` is reachable from other machines (every interface)."""
+    return address in ("0.0.0.0", "")
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    """The /dev/shm regions whose names start with `prefix`."""
+    try:
+        return sorted(p for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+
+
+def remove_shm(prefix: str) -> int:
+    """Remove the regions of one server start (the python backend leaves them after a kill); count."""
+    n = 0
+    for p in shm_regions(prefix):
+        try:
+            p.unlink()
+            n += 1
+        except OSError:  # another user's, or already gone
+            pass
+    return n
+
+
+def remove_stale_shm() -> int:
+    """Remove the regions of earlier server starts whose owning process is dead (killed before its
+    stop ran: SIGKILL, OOM); a live owner's regions are left alone. Returns how many."""
+    owners = {}
+    for p in shm_regions(SHM_PREFIX):
+        m = re.match(rf"{SHM_PREFIX}(\d+)_", p.name)
+        if m:
+            owners.setdefault(int(m.group(1)), []).append(p)
+    n = 0
+    for pid, paths in owners.items():
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal): leave its regions
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        n += remove_shm(f"{SHM_PREFIX}{pid}_")
+    return n
+
+
 def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((address, 0))
@@ -107,14 +192,14 @@ def server_args(repo, address: str, grpc_port: int, http_port: int, metrics_port
 
 def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_port: int = 8001,
                    http_port: int = 8000, metrics_port: int = 8002, binary: str = "tritonserver",
-                   extra: tuple = ()) -> list[str]:
+                   extra: tuple = (), shm_prefix: str = "prefix") -> list[str]:
     """Leader mode (triton-serving.md §9): one mpirun app context per rank, the same ports on every
     rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves."""
     cmd = ["mpirun", "--allow-run-as-root"]
     for rank in range(world_size):
         if rank:
             cmd.append(":")
-        cmd += ["-n", "1", str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"prefix{rank}_"),
+        cmd += ["-n", "1", str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_"),
                 *(["--model-control-mode=explicit", "--load-model=tensorrt_llm"] if rank else []), *extra]
     return cmd
 
@@ -153,11 +238,21 @@ class TritonServer:
         self.world_size = world_size or (cfg.world_size if trt else 1)
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        self.bind: str | None = None        # the numeric address given to Triton (set by start)
+        self.shm_prefix: str | None = None  # its python-backend /dev/shm regions, removed by stop
 
     # --- addresses ---
     @property
     def host(self) -> str:
-        return "127.0.0.1" if self.address in ("0.0.0.0", "") else self.address
+        """Where clients on this machine connect (0.0.0.0 is every interface, this one included)."""
+        return "127.0.0.1" if exposed(self.address) else (self.bind or self.address)
+
+    @property
+    def listening(self) -> str:
+        """Who can reach the server, in words (for the start banner)."""
+        if exposed(self.address):
+            return "every network interface (0.0.0.0): reachable from other machines"
+        return f"{self.bind or self.address} only" + (" (this machine)" if (self.bind or "").startswith("127.") else "")
 
     @property
     def grpc_url(self) -> str:
@@ -190,25 +285,33 @@ class TritonServer:
 
     def command(self, found: TritonBinary) -> list[str]:
         g, h, m = self.ports["grpc"], self.ports["http"], self.ports["metrics"]
+        address = self.bind or self.address
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{g}_"
         if self.world_size > 1:
             if not shutil.which("mpirun"):
                 raise UserError(f"world size {self.world_size} needs mpirun on PATH (leader mode)")
             extra = (f"--backend-directory={found.backend_dir}",) if found.backend_dir else ()
-            return mpirun_command(self.repo, self.world_size, address=self.address, grpc_port=g, http_port=h,
-                                  metrics_port=m, binary=str(found.path), extra=extra)
-        cmd = [str(found.path), *server_args(self.repo, self.address, g, h, m, f"grokdeploy{os.getpid()}_{g}_"),
+            return mpirun_command(self.repo, self.world_size, address=address, grpc_port=g, http_port=h,
+                                  metrics_port=m, binary=str(found.path), extra=extra, shm_prefix=f"{self.shm_prefix}r")
+        cmd = [str(found.path), *server_args(self.repo, address, g, h, m, self.shm_prefix),
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         return cmd + ([f"--backend-directory={found.backend_dir}"] if found.backend_dir else [])
 
     def start(self) -> None:
         if not (self.repo / "ensemble" / "config.pbtxt").is_file():
             raise UserError(f"{self.repo}: not a model repository (no ensemble/config.pbtxt); run the package stage")
+        self.bind = bind_address(self.address)
+        if exposed(self.address):
+            print(f"warning: server.address {self.address}: the server listens on every network interface and "
+                  "is reachable from other machines, without authentication; use 127.0.0.1 to keep it local",
+                  file=sys.stderr, flush=True)
+        remove_stale_shm()
         for name, port in self.ports.items():
             if port == 0:  # a free port, distinct from the others
                 while port == 0 or port in self.ports.values():
-                    port = free_port(self.host)
+                    port = free_port(self.bind)
                 self.ports[name] = port
-            elif port_in_use(self.host, port):
+            elif port_in_use(self.bind, port):
                 raise UserError(f"{name} port {port} on {self.address} is in use; stop the other server "
                                 f"or set server.{name}_port")
         if len(set(self.ports.values())) < 3:
@@ -285,3 +388,5 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        if self.shm_prefix:  # after a kill or a crash the python backend leaves its regions behind
+            remove_shm(self.shm_prefix)

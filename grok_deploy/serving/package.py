@@ -29,18 +29,45 @@ def template(name: str) -> str:
     return resources.files("grok_deploy.serving").joinpath("templates", name).read_text(encoding="utf-8")
 
 
+class Fragment(str):
+    """Template text already rendered (a config fragment), inserted verbatim."""
+
+
+_BARE = re.compile(r"[A-Za-z0-9_.+-]+")  # numbers, true/false, enum names: what may stand unquoted
+
+
+def _literal(value, quoted: bool, var: str, name: str) -> str:
+    """`value` as config text: escaped inside a quoted string, else one bare token. Anything else
+    is refused, so that no value (a folder name with `"` in it) can add or change config fields."""
+    text = str(value)
+    if "${" in text:
+        raise UserError(f"{name}: a value contains '${{'; template values must be literal")
+    if isinstance(value, Fragment):
+        return text
+    if any(not c.isprintable() for c in text):
+        raise UserError(f"{name}: {var} = {text!r} has control characters; rename it (a path: its folder)")
+    if quoted:  # protobuf text format string: backslash and quotes escaped, UTF-8 kept
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
+    if not _BARE.fullmatch(text):
+        raise UserError(f"{name}: {var} = {text!r} is not a single number or word")
+    return text
+
+
 def render(text: str, values: dict, name: str = "template") -> str:
-    """Fill every `${var}` of `text` from `values`; unknown or unfilled variables are errors."""
+    """Fill every `${var}` of `text` from `values`; unknown or unfilled variables are errors.
+    A value inside quotes ("${var}") is escaped; an unquoted one must be one bare token."""
     wanted = set(_VAR.findall(text))
     unknown, missing = sorted(set(values) - wanted), sorted(wanted - set(values))
     if unknown or missing:
         raise UserError(f"{name}: " + "; ".join(
             ([f"unknown template variable(s) {', '.join(unknown)}"] if unknown else [])
             + ([f"unfilled template variable(s) {', '.join(missing)}"] if missing else [])))
-    out = _VAR.sub(lambda m: str(values[m.group(1)]), text)
-    if "${" in out:
-        raise UserError(f"{name}: a value contains '${{'; template values must be literal")
-    return out
+
+    def fill(m: re.Match) -> str:
+        quoted = m.string[m.start() - 1:m.start()] == '"' and m.string[m.end():m.end() + 1] == '"'
+        return _literal(values[m.group(1)], quoted, m.group(1), name)
+
+    return _VAR.sub(fill, text)
 
 
 def parse_config(text: str, name: str = "config.pbtxt"):
@@ -117,8 +144,8 @@ def render_configs(cfg, kind: str, engine_dir: Path) -> dict[str, tuple[str, str
         name = "tensorrt_llm_python.pbtxt" if model == "tensorrt_llm" and kind != "trtllm" else f"{model}.pbtxt"
         vals = dict(values[model])
         if model == "tensorrt_llm":
-            vals["tensorrt_llm_io"] = render(template("tensorrt_llm_io.pbtxt"), values["tensorrt_llm_io"],
-                                             "tensorrt_llm_io.pbtxt")
+            vals["tensorrt_llm_io"] = Fragment(render(template("tensorrt_llm_io.pbtxt"), values["tensorrt_llm_io"],
+                                                      "tensorrt_llm_io.pbtxt"))
         text = render(template(name), vals, name)
         parse_config(text, f"{model}/config.pbtxt")
         out[model] = (name, text)
@@ -157,6 +184,10 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
             if code:
                 src = resources.files("grok_deploy.serving").joinpath("triton_models", code)
                 (version / "model.py").write_text(src.read_text(encoding="utf-8"))
+                # The python backend's stub runs Python isolated (-I: PYTHONDONTWRITEBYTECODE is
+                # ignored) and would write model.py's bytecode here, into a finished repository.
+                # A plain file of that name makes the byte-compiler skip the write.
+                (version / "__pycache__").write_text("")
             else:
                 (version / ".keep").write_text("")  # Triton needs a numeric version folder
             if model in ("preprocessing", "postprocessing"):

@@ -136,7 +136,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - reported to the client, the loop keeps serving
             return self._fail(seq, f"prefill failed: {type(e).__name__}: {e}", "INTERNAL")
         self.live.append(seq)
-        self._advance(seq, logits)
+        self._advance_one(seq, logits)
 
     def _step(self) -> None:
         seqs = list(self.live)
@@ -153,7 +153,16 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - statistics must not stop decoding
                 self._warn(f"on_step: {e}")
         for s, row in zip(seqs, rows):
-            self._advance(s, row)
+            self._advance_one(s, row)
+
+    def _advance_one(self, seq: Seq, logits: np.ndarray) -> None:
+        """`_advance`, isolated: whatever goes wrong with one sequence (its sampling, its logits,
+        its sink) ends that sequence's request with an error; the rest of the batch decodes on."""
+        try:
+            self._advance(seq, logits)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"request {seq.request_id!r}: {type(e).__name__}: {e}")
+            self._fail(seq, f"sampling failed for this request: {type(e).__name__}: {e}", "INTERNAL")
 
     def _advance(self, seq: Seq, logits: np.ndarray) -> None:
         import torch

@@ -8,6 +8,7 @@ drawn from the sequence's own torch.Generator (seeded with `seed`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,6 +145,9 @@ def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: 
                    exclude_input=bool(_scalar(inputs, "exclude_input_in_output", b, batch, exclude_default)),
                    return_log_probs=bool(_scalar(inputs, "return_log_probs", b, batch, False)),
                    return_generation_logits=bool(_scalar(inputs, "return_generation_logits", b, batch, False)))
+        if not (math.isfinite(p.temperature) and math.isfinite(p.top_p)):  # NaN passes `< 0` checks
+            raise BadRequest(f"sampling inputs must be finite numbers: temperature {p.temperature}, "
+                             f"runtime_top_p {p.top_p}")
         if p.top_k < 0 or not 0.0 <= p.top_p <= 1.0 or p.temperature < 0:
             raise BadRequest(f"sampling out of range: runtime_top_k {p.top_k} (>= 0), runtime_top_p "
                              f"{p.top_p} (0..1), temperature {p.temperature} (>= 0)")
@@ -157,6 +161,10 @@ def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: 
         if bias is not None and bias[b].size:
             if bias[b].shape != (vocab_size,):
                 raise BadRequest(f"embedding_bias must have {vocab_size} values, got {bias[b].size}")
+            bad = np.flatnonzero(~np.isfinite(bias[b]))  # one NaN makes every logit NaN
+            if bad.size:
+                raise BadRequest(f"embedding_bias must be finite: {bad.size} value(s) are not, the first "
+                                 f"at token {int(bad[0])} ({bias[b][bad[0]]})")
             p.embedding_bias = bias[b].astype(np.float32)
         rows.append(p)
     return rows
@@ -173,6 +181,8 @@ def next_token(logits: np.ndarray, p: Params, context: list[int], n_out: int, ge
     x = torch.from_numpy(np.array(logits, np.float32, copy=True))
     if p.embedding_bias is not None:
         x += torch.from_numpy(p.embedding_bias)
+    if torch.isnan(x).any():  # argmax would still pick a token: garbage, not an answer
+        raise FloatingPointError(f"the logits of this sequence have {int(torch.isnan(x).sum())} NaN value(s)")
     if n_out < p.min_tokens and 0 <= p.end_id < x.numel():
         x[p.end_id] = MASKED
     for w in p.bad_words:

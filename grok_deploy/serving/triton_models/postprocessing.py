@@ -3,7 +3,15 @@ Copied to postprocessing/1/model.py; self-contained (numpy + sentencepiece).
 
 Stateless: a streamed chunk is decoded alone, so leading spaces and split multi-byte characters
 are lost, as in the stock model. `tensorrt_llm_bls` with accumulate_tokens streams exact text.
+
+Cancellation: Triton (2.51) does not tell a running ensemble step that its ensemble request was
+cancelled (client gone, stream closed); it only marks the *next* steps, i.e. the postprocessing
+requests of the tokens that follow. Seeing one, this model sends `tensorrt_llm` the backend's own
+cancellation (`stop` with the request id, triton-serving.md §3), so that the sequence leaves the
+batch at the next step instead of decoding to its end. (No dynamic batcher here: Triton's batcher
+drops cancelled requests before `execute`, and the ensemble then stays "in flight" for ever.)
 """
+import collections
 import json
 import os
 
@@ -20,6 +28,24 @@ class TritonPythonModel:
         self.sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
         self.skip_special = params.get("skip_special_tokens", "true").strip().lower() in ("1", "true", "yes")
         self.vocab = self.sp.GetPieceSize()
+        self.stopped = collections.deque(maxlen=1024)  # request ids already stopped (one stop each)
+
+    def stop_generation(self, request_id: str) -> None:
+        """Cancel the `tensorrt_llm` sequence of a cancelled ensemble request, by its id."""
+        if not request_id or request_id in self.stopped:
+            return  # without an id the sequence runs to its end; its ensemble still completes
+        self.stopped.append(request_id)
+        zero = np.zeros((1, 1), np.int32)
+        stop = pb_utils.InferenceRequest(
+            model_name="tensorrt_llm", request_id=request_id, requested_output_names=["output_ids"],
+            inputs=[pb_utils.Tensor("input_ids", zero), pb_utils.Tensor("input_lengths", zero),
+                    pb_utils.Tensor("request_output_len", zero), pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))])
+        try:
+            for response in stop.exec(decoupled=True):
+                if response.has_error():
+                    pb_utils.Logger.log_warn(f"postprocessing: stop {request_id!r}: {response.error().message()}")
+        except Exception as e:  # noqa: BLE001 - best effort: the request is gone either way
+            pb_utils.Logger.log_warn(f"postprocessing: stop {request_id!r} failed: {e}")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab]
@@ -37,6 +63,8 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            if request.is_cancelled():
+                self.stop_generation(request.request_id())
             tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # (B, beams, T)
             lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # (B, beams)
             lengths = lengths.reshape(tokens.shape[:2])

@@ -6,10 +6,13 @@ preprocessing -> tensorrt_llm (exec(decoupled=True), `streaming` from the client
 sends only the new characters (held back while they end in an incomplete UTF-8 sequence), so the
 concatenated stream equals the non-streamed text: spaces and multi-byte characters survive.
 Each request runs on its own thread, so one instance serves many streams; decoupled, it sends
-each data response and then a flags-only FINAL (exactly one, also after errors).
+each data response and then a flags-only FINAL (exactly one, also after errors). A cancelled
+request (client gone) stops its tensorrt_llm sequence with the backend's `stop` input and the
+child request's own id: Triton does not pass the cancellation on to a running BLS call.
 """
 import json
 import threading
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -94,13 +97,16 @@ class TritonPythonModel:
         llm = {PRE_TO_LLM[k]: v for k, v in pre.items() if k in PRE_TO_LLM}
         llm.update({TO_LLM[k]: v for k, v in inputs.items() if k in TO_LLM})
         stream = bool(inputs["stream"].any()) if "stream" in inputs else False
+        child = uuid.uuid4().hex  # the id a cancellation names
         req = pb_utils.InferenceRequest(model_name=self.llm, inputs=[pb_utils.Tensor(k, v) for k, v in llm.items()],
-                                        requested_output_names=["output_ids", "sequence_length", *PASS_THROUGH])
+                                        requested_output_names=["output_ids", "sequence_length", *PASS_THROUGH],
+                                        request_id=child)
         responses = req.exec(decoupled=True) if self.decoupled else [req.exec()]
         tokens, sent, text = [], 0, ""
         for resp in responses:
             if request.is_cancelled():
-                getattr(responses, "cancel", lambda: None)()
+                if self.decoupled:
+                    self.stop(child)
                 return
             if resp.has_error():
                 raise Failed(resp.error())
@@ -119,6 +125,19 @@ class TritonPythonModel:
             yield self.response(delta, out)
         if stream and self.accumulate and sent < len(text):
             yield self.response(text_delta(text, sent, True)[0], {})
+
+    def stop(self, request_id: str) -> None:
+        """Cancel the running tensorrt_llm sequence `request_id` (its FINAL still arrives)."""
+        zero = np.zeros((1, 1), np.int32)
+        stop = pb_utils.InferenceRequest(
+            model_name=self.llm, request_id=request_id, requested_output_names=["output_ids"],
+            inputs=[pb_utils.Tensor("input_ids", zero), pb_utils.Tensor("input_lengths", zero),
+                    pb_utils.Tensor("request_output_len", zero), pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))])
+        try:
+            for _ in stop.exec(decoupled=True):
+                pass
+        except Exception as e:  # noqa: BLE001 - best effort: the client is gone either way
+            pb_utils.Logger.log_warn(f"tensorrt_llm_bls: stop {request_id!r} failed: {e}")
 
     @staticmethod
     def detokenize(ids) -> str:
