@@ -68,7 +68,7 @@ def run_all(engine, params: list[Params], sinks=None, join_after: int = 0):
 
 def test_scheduler_batches_more_than_max_and_matches_reference(torch_engine, tiny_model, tiny_tokenizer):
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS[:6]]  # 6 sequences, 4 slots
-    params = [Params(p, 5 + i, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+    params = [Params(p, 5 + i, temperature=1.0, top_p=1.0, seed=i) for i, p in enumerate(prompts)]
     sinks, sched = run_all(torch_engine, params)
     for i, (p, s) in enumerate(zip(prompts, sinks)):
         assert s.finals == 1 and not s.errors
@@ -89,9 +89,9 @@ def test_scheduler_end_id_stop_words_min_tokens_cancel(torch_engine, tiny_model,
     full = ref(tiny_model, p, 8, temperature=1.0, seed=3)
     cancelled = ListSink()
     cancelled.cancel = True
-    params = [Params(p, 8, temperature=1.0, seed=3, end_id=full[4]),
-              Params(p, 8, temperature=1.0, seed=3, stop_words=[full[2:4]]),
-              Params(p, 8, temperature=1.0, seed=3, bad_words=[[full[0]]]),
+    params = [Params(p, 8, temperature=1.0, top_p=1.0, seed=3, end_id=full[4]),
+              Params(p, 8, temperature=1.0, top_p=1.0, seed=3, stop_words=[full[2:4]]),
+              Params(p, 8, temperature=1.0, top_p=1.0, seed=3, bad_words=[[full[0]]]),
               Params(p, 8),
               Params(p, 8, end_id=ref(tiny_model, p, 1)[0], min_tokens=3)]  # greedy would end at once
     sinks, _ = run_all(torch_engine, params, [ListSink(), ListSink(), ListSink(), cancelled, ListSink()])
@@ -191,7 +191,7 @@ def test_preprocessing_and_postprocessing_models(served, tiny_tokenizer):
     ids = tiny_tokenizer.encode("Naïve café 中文")
     out = client.infer("postprocessing", [tensor("TOKENS_BATCH", [[ids + [-1, -1]]], np.int32),
                                           tensor("SEQUENCE_LENGTH", [[len(ids)]], np.int32)])
-    assert out.as_numpy("OUTPUT")[0, 0].decode() == "Naïve café 中文"
+    assert out.as_numpy("OUTPUT").shape == (1,) and out.as_numpy("OUTPUT")[0].decode() == "Naïve café 中文"
     client.close()
 
 
@@ -248,9 +248,9 @@ def test_concurrent_streams_share_decode_steps(served, tiny_model, tiny_tokenize
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
     n = [12 + 2 * i for i in range(len(prompts))]
     want = [ref(tiny_model, p, k, temperature=1.0, seed=100 + i) for i, (p, k) in enumerate(zip(prompts, n))]
-    kw = dict(temperature=1.0, end_id=-1)
+    kw = dict(temperature=1.0, top_p=1.0, end_id=-1)
     jobs = {("llm", i): (lambda i=i: query_ids(served.grpc_url, prompts[i], n[i], stream=True, seed=100 + i,
-                                               temperature=1.0)) for i in range(8)}
+                                               temperature=1.0, runtime_top_p=1.0)) for i in range(8)}
     jobs.update({(model, i): (lambda i=i, model=model: query(served.grpc_url, PROMPTS[i], n[i], stream=True,
                                                              model=model, seed=100 + i, **kw))
                  for model, idx in (("ensemble", range(0, 4)), ("tensorrt_llm_bls", range(4, 8))) for i in idx})
@@ -272,7 +272,8 @@ def test_concurrent_streams_share_decode_steps(served, tiny_model, tiny_tokenize
 @pytest.mark.server
 def test_late_request_joins_the_running_batch(served, tiny_model, tiny_tokenizer):
     a, b = tiny_tokenizer.encode(PROMPTS[0]), tiny_tokenizer.encode(PROMPTS[1])
-    inputs = llm_inputs(a, 60, streaming=(True, np.bool_), temperature=(1.0, np.float32), seed=(5, np.uint64))
+    inputs = llm_inputs(a, 60, streaming=(True, np.bool_), temperature=(1.0, np.float32), seed=(5, np.uint64),
+                        runtime_top_p=(1.0, np.float32))
     first = threading.Event()
     got_a, got_b = [], {}
 
@@ -302,7 +303,7 @@ def test_ensemble_and_bls_text(served, tiny_model, tiny_tokenizer):
         ids = tiny_tokenizer.encode(prompt)  # preprocessing adds no BOS: the same ids as the reference
         out = ref(tiny_model, ids, 12, temperature=1.0, seed=i)
         want = tiny_tokenizer.decode(out)
-        kw = dict(temperature=1.0, seed=i, end_id=-1)
+        kw = dict(temperature=1.0, top_p=1.0, seed=i, end_id=-1)
         assert query(served.grpc_url, prompt, 12, **kw)["text"] == want
         assert query(served.grpc_url, prompt, 12, model="tensorrt_llm_bls", **kw)["text"] == want
         chunks = []
@@ -323,11 +324,14 @@ def test_bls_stream_equals_whole_text_with_split_bytes(served):
                       tensor("stream", [[stream]], np.bool_), tensor("exclude_input_in_output", [[True]], np.bool_),
                       tensor("embedding_bias_words", [["中文".encode()]], object),
                       tensor("embedding_bias_weights", [[1e4]], np.float32), tensor("temperature", [[1.0]], np.float32),
-                      tensor("seed", [[seed]], np.uint64), tensor("end_id", [[-1]], np.int32)]
+                      tensor("top_p", [[1.0]], np.float32), tensor("seed", [[seed]], np.uint64),
+                      tensor("end_id", [[-1]], np.int32)]
             return [r.as_numpy("text_output").reshape(-1)[0].decode() for r in
                     stream_request(served.grpc_url, "tensorrt_llm_bls", inputs)]
-        whole, chunks = send(False), send(True)
-        assert len(whole) == 1 and "".join(chunks) == whole[0]
+        whole, texts = send(False), send(True)
+        # accumulate_tokens: every response is the whole text so far; the last one is the whole text
+        assert len(whole) == 1 and texts[-1] == whole[0]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
 
 
 def http_generate(server, model: str, body: dict) -> tuple[int, dict]:
