@@ -428,7 +428,7 @@ def test_cancellation_by_stop_and_by_closing_the_stream(served):
 
 
 @pytest.mark.server
-def test_non_decoupled_mode(tiny_ckpt, tiny_model, tmp_path):
+def test_non_decoupled_mode(tiny_ckpt, tiny_model, tiny_tokenizer, tmp_path):
     cfg, repo = make_repo(tmp_path, tiny_ckpt, extra="triton:\n  decoupled: false\n")
     server = start_server(cfg, repo)
     try:
@@ -439,6 +439,32 @@ def test_non_decoupled_mode(tiny_ckpt, tiny_model, tmp_path):
         for model in ("ensemble", "tensorrt_llm_bls"):
             status, doc = http_generate(server, model, {"text_input": "Hello", "max_tokens": 4})
             assert status == 200 and doc["text_output"].startswith("Hello")
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(server.grpc_url)  # plain ModelInfer, not the stream
+        res = client.infer("ensemble", [tensor("text_input", [[b"Hello"]], object), tensor("max_tokens", [[3]], np.int32)])
+        assert res.as_numpy("text_output").shape == (1,) and res.as_numpy("text_output")[0].decode().startswith("Hello")
+        # a stop request gets an empty response (no FINAL-only send, which Triton refuses here)
+        stop = [tensor("input_ids", [[0]], np.int32), tensor("input_lengths", [[0]], np.int32),
+                tensor("request_output_len", [[0]], np.int32), tensor("stop", [[True]], np.bool_)]
+        res = client.infer("tensorrt_llm", stop, request_id="nothing-running")
+        assert res.get_response().outputs == [] and res.get_response().id == "nothing-running"
+        client.close()
+        # verify without streaming (the backend refuses it here): the non-streamed checks pass
+        from grok_deploy.verify.compare import verify_prompts
+        from grok_deploy.verify.report import Tolerances
+
+        recs = []
+        for prompt in PROMPTS[:2]:
+            ids = tiny_tokenizer.encode(prompt)
+            res = generate(tiny_model, [ids], 6, return_logits=True)
+            top = np.argsort(-res.logits[0], axis=-1)[:, :8]
+            recs.append({"text": prompt, "prompt_ids": ids, "output_ids": res.output_ids[0],
+                         "output_text": tiny_tokenizer.decode(res.output_ids[0]), "top_ids": top.tolist(),
+                         "top_logits": np.take_along_axis(res.logits[0], top, -1).tolist()})
+        results = verify_prompts(server.grpc_url, {"max_tokens": 6, "prompts": recs}, False, Tolerances(),
+                                 decoupled=False)
+        assert [r.passed for r in results] == [True, True] and set(results[0].texts) == {"ensemble", "bls"}
     finally:
         server.stop()
 
