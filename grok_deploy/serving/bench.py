@@ -240,11 +240,12 @@ def plot(doc: dict, path: Path) -> None:
     ax = axes[0]
     ax.plot(levels, [r["output_tokens_per_s"] for r in res], "o-", color="tab:blue", label="output tokens/s")
     ax.set_xlabel("concurrency")
-    ax.set_ylabel("output tokens/s", color="tab:blue")
+    ax.set_ylabel("output tokens/s")
     ax.set_xticks(levels)
-    ax2 = ax.twinx()
-    ax2.plot(levels, [r["requests_per_s"] for r in res], "s--", color="tab:orange", label="requests/s")
-    ax2.set_ylabel("requests/s", color="tab:orange")
+    for r in res:  # fixed output lengths: requests/s is tokens/s / output_tokens, so label it
+        ax.annotate(f"{r['requests_per_s']:.2f} req/s", (r["concurrency"], r["output_tokens_per_s"]),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_ylim(0, max(r["output_tokens_per_s"] for r in res) * 1.2)
     ax.set_title("throughput")
     for ax, key, title in zip(axes[1:], ("ttft_ms", "itl_ms", "request_latency_ms"),
                               ("time to first token (ms)", "inter-token latency (ms)", "request latency (ms)")):
