@@ -49,24 +49,27 @@ def in_process_tokens_per_s(eng, cfg, c: int, prompt_len: int, tokens: int) -> f
 
 
 def triton_tokens_per_s(url: str, cfg, c: int, prompt_len: int, tokens: int) -> float:
-    from grok_deploy.serving.bench import one_request
+    from grok_deploy.serving.bench import Session, one_request
 
     prompts = prompts_for(cfg, c, prompt_len)
+    sessions = [Session(url) for _ in prompts]  # streams open before the clock starts
     counts, errors = [], []
 
-    def client(p):
+    def client(p, session):
         try:
-            counts.append(one_request(url, "tensorrt_llm", p, tokens)["tokens"])
+            counts.append(one_request(session, "tensorrt_llm", p, tokens)["tokens"])
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    threads = [threading.Thread(target=client, args=(p, s)) for p, s in zip(prompts, sessions)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
+    for s in sessions:
+        s.close()
     if errors:
         raise errors[0]
     return sum(counts) / seconds

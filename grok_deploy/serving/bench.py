@@ -2,7 +2,7 @@
 concurrency levels, with figures defined as genai-perf defines them (triton-serving.md §11).
 
 Each level sends `requests` measured requests (after `warmup` unmeasured ones) from `concurrency`
-clients, each client with its own gRPC stream. Prompts are synthetic with an exact token count
+clients, each client with its own gRPC stream kept open for all its requests (`Session`). Prompts are synthetic with an exact token count
 (`synthetic_prompts`), and every request generates exactly `output_tokens` tokens: end_id -1
 (ignore-EOS) and min_tokens = max_tokens. Output tokens are counted from what the server streams
 back, not by re-tokenizing text: `tensorrt_llm` sends token ids; through the ensemble and the BLS
@@ -17,15 +17,17 @@ p50/p90/p99/mean in ms; output tokens/s (all tokens / wall time of the level) an
 from __future__ import annotations
 
 import json
+import queue
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from grok_deploy.errors import UserError
-from grok_deploy.serving.client import ServerError, stream_request, tensor
+from grok_deploy.serving.client import ServerError, tensor
 
 MODELS = ("ensemble", "tensorrt_llm_bls", "tensorrt_llm")
 REPORT_FILES = ("bench.json", "bench.md", "bench.png")
@@ -71,21 +73,63 @@ def _inputs(model: str, prompt, max_tokens: int) -> list:
             tensor("stream", [[True]], np.bool_), *common]
 
 
-def one_request(url: str, model: str, prompt, max_tokens: int, timeout: float = 300.0) -> dict:
+class Session:
+    """One client's gRPC stream, open for all its requests (as perf_analyzer keeps one per client),
+    so that connecting is not part of any request's time. One request at a time."""
+
+    def __init__(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.results = url, queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url=url)
+        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+
+    def request(self, model: str, inputs: list, timeout: float):
+        """Yield each data response of one request until its final one; ServerError on an error."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            self.client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        except InferenceServerException as e:  # the stream broke (no server): its callback has why
+            try:
+                e = self.results.get(timeout=5)[1] or e
+            except queue.Empty:
+                pass
+            raise ServerError(f"cannot reach the server at {self.url}: {e.message()}") from None
+        while True:
+            try:
+                result, error = self.results.get(timeout=timeout)
+            except queue.Empty:
+                raise ServerError(f"no response from {model} at {self.url} within {timeout:.0f} s") from None
+            if error is not None:
+                where = f"cannot reach the server at {self.url}: " if "UNAVAILABLE" in str(error.status()) else ""
+                raise ServerError(where + error.message(), error.status())
+            if result.get_response().outputs:
+                yield result
+            p = result.get_response().parameters
+            if "triton_final_response" in p and p["triton_final_response"].bool_param:
+                return
+
+    def close(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+def one_request(session: Session, model: str, prompt, max_tokens: int, timeout: float = 300.0) -> dict:
     """One streaming request: {"ttft", "latency" (s), "times" (s after send, per response), "tokens"}."""
     inputs = _inputs(model, prompt, max_tokens)
     t0 = time.perf_counter()
     times, tokens = [], 0
-    for result in stream_request(url, model, inputs, timeout):
+    for result in session.request(model, inputs, timeout):
         times.append(time.perf_counter() - t0)
         if model == "tensorrt_llm":
             tokens += int(result.as_numpy("sequence_length").reshape(-1)[0])
         else:
             tokens += 1  # one engine step per streamed response, one token per step
-    latency = time.perf_counter() - t0
+    end = time.perf_counter()
     if tokens != max_tokens:
         raise ServerError(f"{model} streamed {tokens} tokens for max_tokens {max_tokens}")
-    return {"ttft": times[0] if times else None, "latency": latency, "times": times, "tokens": tokens}
+    return {"ttft": times[0] if times else None, "latency": end - t0, "times": times, "tokens": tokens, "end": end}
 
 
 def stats(values: list[float]) -> dict:
@@ -103,16 +147,24 @@ def run_level(url: str, model: str, prompts: list, concurrency: int, requests: i
         lock, taken = threading.Lock(), [0]
 
         def worker() -> None:
-            while True:
-                with lock:
-                    if taken[0] >= count or errors:
-                        return
-                    i = taken[0]
-                    taken[0] += 1
-                try:
-                    keep.append(one_request(url, model, prompts[i % len(prompts)], max_tokens, timeout))
-                except ServerError as e:
-                    errors.append(str(e))
+            try:
+                session = Session(url)
+            except Exception as e:  # noqa: BLE001 - tritonclient raises its own types here
+                errors.append(f"cannot reach the server at {url}: {e}")
+                return
+            try:
+                while True:
+                    with lock:
+                        if taken[0] >= count or errors:
+                            return
+                        i = taken[0]
+                        taken[0] += 1
+                    try:
+                        keep.append(one_request(session, model, prompts[i % len(prompts)], max_tokens, timeout))
+                    except ServerError as e:
+                        errors.append(str(e))
+            finally:
+                session.close()
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, count))]
@@ -120,7 +172,8 @@ def run_level(url: str, model: str, prompts: list, concurrency: int, requests: i
             t.start()
         for t in threads:
             t.join()
-        return time.perf_counter() - t0
+        # the level ends with its last response, not when the streams have been closed
+        return max((r["end"] for r in keep), default=time.perf_counter()) - t0
 
     errors: list[str] = []
     drain(warmup, [], errors)

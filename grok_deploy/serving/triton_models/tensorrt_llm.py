@@ -19,6 +19,7 @@ from grok_deploy.serving.triton_models.inflight import Scheduler, Seq, load_engi
 from grok_deploy.serving.triton_models.params import BadRequest, parse_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+STATS_PERIOD_S = 0.1
 # (family, label, label values, help): the TensorRT-LLM backend's names and labels
 GAUGES = (("nv_trt_llm_request_metrics", "request_type", ("waiting", "context", "scheduled", "max", "active"),
            "TRT LLM request metrics"),
@@ -122,6 +123,7 @@ class TritonPythonModel:
         self.metrics = {n: family.Metric(labels={"model": args["model_name"], "batch_size": str(n)})
                         for n in range(1, self.engine.max_batch_size + 1)}
         self.families = [family]  # they must outlive their metrics (cleared in finalize)
+        self.published, self.published_at = {}, 0.0  # gauge values last sent (see _publish)
         self.gauges = self._backend_gauges(args["model_name"], args["model_version"])
         self.scheduler = Scheduler(self.engine, on_step=lambda n: self.metrics[n].increment(1),
                                    log=pb_utils.Logger.log_warn, on_turn=self._publish).start()
@@ -180,20 +182,26 @@ class TritonPythonModel:
         return out
 
     def _publish(self, st: dict, gauges: dict | None = None) -> None:
-        """One turn of the in-flight batcher (inflight.Scheduler.turn_stats) onto the gauges."""
+        """One turn of the in-flight batcher (inflight.Scheduler.turn_stats) onto the gauges. Each
+        set() is an IPC call, so only changed values are sent, and a turn that changes no request
+        count is published at most every STATS_PERIOD_S (the backend's stats_check_period_ms)."""
         g = gauges if gauges is not None else self.gauges
-        req, kv = "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics"
-        for k in ("waiting", "context", "scheduled", "active"):
-            g[req, k].set(st[k])
-        g[kv, "used"].set(st["active"])
-        g[kv, "free"].set(st["max"] - st["active"])
-        g[kv, "fraction"].set(st["active"] / st["max"])
-        ib = "nv_trt_llm_inflight_batcher_metrics"
-        g[ib, "micro_batch_id"].set(0)
-        g[ib, "generation_requests"].set(st["active"])
-        g[ib, "total_context_tokens"].set(st["context_tokens"])
-        g["nv_trt_llm_general_metrics", "iteration_counter"].set(st["iterations"])
-        g["nv_trt_llm_general_metrics", "timestamp"].set(int(time.time()))
+        req, kv, ib = "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics", "nv_trt_llm_inflight_batcher_metrics"
+        counts = {(req, k): st[k] for k in ("waiting", "context", "scheduled", "active")}
+        now = time.monotonic()
+        if gauges is None and all(self.published.get(k) == v for k, v in counts.items()) \
+                and now - self.published_at < STATS_PERIOD_S:
+            return
+        self.published_at = now
+        values = {**counts, (kv, "used"): st["active"], (kv, "free"): st["max"] - st["active"],
+                  (kv, "fraction"): st["active"] / st["max"], (ib, "micro_batch_id"): 0,
+                  (ib, "generation_requests"): st["active"], (ib, "total_context_tokens"): st["context_tokens"],
+                  ("nv_trt_llm_general_metrics", "iteration_counter"): st["iterations"],
+                  ("nv_trt_llm_general_metrics", "timestamp"): int(time.time())}
+        for key, v in values.items():
+            if self.published.get(key) != v:
+                g[key].set(v)
+                self.published[key] = v
 
     def finalize(self):
         self.scheduler.close()
