@@ -489,3 +489,31 @@ def test_onnxruntime_engine_served_greedy_parity(tiny_ckpt, tiny_model, tiny_tok
         assert max(decode_steps(server)) >= 2
     finally:
         server.stop()
+
+
+def test_pre_and_postprocessing_take_a_hugging_face_folder(tiny_ckpt, tiny_tokenizer, tmp_path):
+    """The models' tokenizer loaders on a folder with only the packaged HF files: SentencePiece's ids,
+    text, special ids and control pieces (the models themselves run under Triton in the tests above)."""
+    import importlib
+    import shutil
+    import sys
+    import types
+
+    from grok_deploy.model.hf_tokenizer import write_hf_tokenizer
+
+    sys.modules.setdefault("triton_python_backend_utils", types.SimpleNamespace(TRITONSERVER_RESPONSE_COMPLETE_FINAL=1))
+    hf = write_hf_tokenizer(tiny_ckpt / "tokenizer.model", tmp_path / "hf")
+    sp_dir = tmp_path / "sp"
+    sp_dir.mkdir()
+    shutil.copyfile(tiny_ckpt / "tokenizer.model", sp_dir / "tokenizer.model")
+    for name in ("preprocessing", "postprocessing"):
+        mod = importlib.import_module(f"grok_deploy.serving.triton_models.{name}")
+        a, b = mod.load_tokenizer(str(hf)), mod.load_tokenizer(str(sp_dir))
+        assert type(a).__name__ == "HFTokenizer" and type(b).__name__ == "SentencePieceProcessor"
+        for text in PROMPTS + ["[EOS] is text", "a\n\n\tb  c", ""]:
+            ids = b.EncodeAsIds(text)
+            assert a.EncodeAsIds(text) == ids == tiny_tokenizer.encode(text)
+            assert a.DecodeIds(ids + [2]) == b.DecodeIds(ids + [2])  # the control piece decodes to nothing
+        assert (a.eos_id(), a.pad_id(), a.bos_id(), a.GetPieceSize()) == (b.eos_id(), b.pad_id(), b.bos_id(), 1024)
+        assert [i for i in range(1024) if a.IsControl(i)] == [i for i in range(1024) if b.IsControl(i)] + [3]
+        assert a.IdToPiece(2) == b.IdToPiece(2) == "[EOS]"
