@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("verify", "bench"):
             s.add_argument("--url", default=None, help="HOST:PORT of a running server's gRPC endpoint")
         if name == "bench":
-            s.add_argument("--concurrency", default="1,4,8")
+            s.add_argument("--concurrency", default="1,4,8", help="comma-separated levels (a sweep)")
+            s.add_argument("--requests", type=int, default=16, help="measured requests per concurrency level")
+            s.add_argument("--warmup", type=int, default=2, help="unmeasured requests before each level")
+            s.add_argument("--input-tokens", type=int, default=64, help="synthetic prompt length, exact")
+            s.add_argument("--output-tokens", type=int, default=32, help="generated tokens per request (ignore-EOS)")
+            s.add_argument("--model", default="ensemble", help="ensemble, tensorrt_llm_bls or tensorrt_llm")
+            s.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the source stage's)")
             s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("query", help="one request over gRPC to the ensemble model")

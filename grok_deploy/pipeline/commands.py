@@ -48,13 +48,10 @@ def cli_verify(args) -> int:
     return 0 if res["passed"] else 1
 
 
-def _pair(d: dict) -> str:
-    return "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("p50", "p99"))
-
-
 @server_errors
 def cli_bench(args) -> int:
-    from grok_deploy.serving.client import bench
+    """`grok-deploy bench`: the concurrency sweep; report JSON/MD/PNG under the reports folder."""
+    from grok_deploy.serving.bench import HEADER, bench
 
     cfg = load_pipeline(args.pipeline)
     try:
@@ -63,12 +60,14 @@ def cli_bench(args) -> int:
         raise UserError(f"--concurrency {args.concurrency!r}: give comma-separated integers, e.g. 1,4,8") from None
     if not levels or min(levels) <= 0:
         raise UserError(f"--concurrency {args.concurrency!r}: every level must be a positive integer")
-    doc = bench(cfg, url=args.url, out=cfg.output("reports") / "bench", concurrency=levels)
+    out = cfg.output("reports") / "bench"
+    if not args.json:
+        print(HEADER, flush=True)
+    doc = bench(cfg, url=args.url, out=out, concurrency=levels, requests=args.requests, warmup=args.warmup,
+                input_tokens=args.input_tokens, output_tokens=args.output_tokens, model=args.model,
+                tokenizer=args.tokenizer, echo=None if args.json else (lambda line: print(line, flush=True)))
     if args.json:
         print(json.dumps(doc))
-        return 0
-    print(f"{'conc':>4} {'reqs':>5} {'ttft ms p50/p99':>17} {'itl ms p50/p99':>15} {'tok/s total':>12}")
-    for r in doc["results"]:
-        print(f"{r['concurrency']:>4} {r['requests']:>5} {_pair(r['ttft_ms']):>17} {_pair(r['itl_ms']):>15} "
-              f"{r['tokens_per_s']['total']:>12.1f}")
+    else:
+        print(f"report: {out / 'bench.md'} (and bench.json, bench.png)")
     return 0

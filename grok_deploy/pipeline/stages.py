@@ -151,9 +151,10 @@ def run_verify(ctx: StageContext) -> dict:
 
 
 def run_bench(ctx: StageContext) -> dict:
-    from grok_deploy.serving.client import bench
+    from grok_deploy.serving.bench import bench
 
-    return bench(ctx.cfg, url=ctx.services["url"], out=ctx.out)
+    doc = bench(ctx.cfg, url=ctx.services["url"], out=ctx.out)
+    return {**doc, "results": [{k: v for k, v in r.items() if k != "raw"} for r in doc["results"]]}
 
 
 # --- the table ------------------------------------------------------------------------------

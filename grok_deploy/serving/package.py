@@ -4,7 +4,8 @@ Templates are rendered strictly: a variable the caller gives that the template l
 template has that the caller does not give, is an error, and no `${` may survive (Triton would
 read "Expected integer, got: $"). Each config is then parsed with Triton's ModelConfig protobuf.
 The python models come from grok_deploy/serving/triton_models/; the SentencePiece tokenizer.model is
-copied into the repository. Layout and I/O: triton-serving.md §1-7.
+copied into the repository, beside a Hugging Face tokenizer folder built from it (model/hf_tokenizer.py):
+`<repo>/preprocessing/tokenizer/` loads with AutoTokenizer.from_pretrained (genai-perf --tokenizer). Layout and I/O: triton-serving.md §1-7.
 """
 from __future__ import annotations
 
@@ -162,6 +163,7 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
     """
     from grok_deploy import __version__
     from grok_deploy.manifest import atomic_dir
+    from grok_deploy.model.hf_tokenizer import write_hf_tokenizer
 
     kind = engine_kind or cfg.engine.backend
     if kind not in ENGINE_KINDS:
@@ -193,11 +195,15 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
             if model in ("preprocessing", "postprocessing"):
                 (tmp / model / TOKENIZER_DIR).mkdir()
                 shutil.copyfile(tokenizer, tmp / model / TOKENIZER_DIR / "tokenizer.model")
+                # the same tokenizer as a Hugging Face folder, for AutoTokenizer users (genai-perf,
+                # the backend's own preprocessing and client tools): identical ids
+                write_hf_tokenizer(tokenizer, tmp / model / TOKENIZER_DIR)
             models[model] = {"template": name, "code": code, "config_sha256": _sha256_bytes(text.encode())}
         manifest = {"produced_by": "grok-deploy package", "version": __version__, "models": models,
                     "engine": {"kind": kind, "dir": str(engine_dir)},
                     "tokenizer": {"source": str(tokenizer.resolve()), "sha256": _sha256_bytes(tokenizer.read_bytes())},
                     "values": model_values(cfg, kind, engine_dir),
-                    "max_batch_size": cfg.engine.max_batch_size, "decoupled": cfg.triton.decoupled}
+                    "max_batch_size": cfg.engine.max_batch_size, "decoupled": cfg.triton.decoupled,
+                    "hf_tokenizer": f"preprocessing/{TOKENIZER_DIR}"}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

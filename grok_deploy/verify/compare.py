@@ -25,22 +25,28 @@ def is_int8_engine(cfg) -> bool:
     return cfg.engine.onnx_quant == "int8"
 
 
-def verify_prompts(url: str, golden: dict, int8: bool, tol: Tolerances, echo=None) -> list[PromptResult]:
-    """Query every golden prompt and judge it; `echo` gets one line per prompt."""
+def verify_prompts(url: str, golden: dict, int8: bool, tol: Tolerances, echo=None,
+                   decoupled: bool = True) -> list[PromptResult]:
+    """Query every golden prompt and judge it; `echo` gets one line per prompt. A non-decoupled
+    deployment cannot stream (the backend refuses `streaming` there), so only the non-streamed
+    checks run."""
     from grok_deploy.serving.client import query, query_ids
 
     results = []
     n = golden["max_tokens"]
     for i, rec in enumerate(golden["prompts"]):
         plain = query_ids(url, rec["prompt_ids"], n, stream=False, return_generation_logits=True)
-        streamed = query_ids(url, rec["prompt_ids"], n, stream=True)
         served = plain["output_ids"]
         ok, reason, div, diffs = judge(rec, served, plain.get("generation_logits"), int8, tol)
-        if streamed["output_ids"] != served:
-            ok, reason = False, f"streamed ids differ from non-streamed at {first_divergence(streamed['output_ids'], served)}"
-        texts = {"ensemble": query(url, rec["text"], n, stream=False, model="ensemble")["text"],
-                 "ensemble-stream": query(url, rec["text"], n, stream=True, model="ensemble")["text"],
-                 "bls-stream": query(url, rec["text"], n, stream=True, model="tensorrt_llm_bls")["text"]}
+        streamed = query_ids(url, rec["prompt_ids"], n, stream=True)["output_ids"] if decoupled else served
+        if streamed != served:
+            ok, reason = False, f"streamed ids differ from non-streamed at {first_divergence(streamed, served)}"
+        texts = {"ensemble": query(url, rec["text"], n, stream=False, model="ensemble")["text"]}
+        if decoupled:
+            texts["ensemble-stream"] = query(url, rec["text"], n, stream=True, model="ensemble")["text"]
+            texts["bls-stream"] = query(url, rec["text"], n, stream=True, model="tensorrt_llm_bls")["text"]
+        else:
+            texts["bls"] = query(url, rec["text"], n, stream=False, model="tensorrt_llm_bls")["text"]
         # the text must equal the decoded reference wherever the tokens agree
         expected_text = rec["output_text"]
         text_ok = {k: (text_equal(k, v, expected_text)) if div is None else True for k, v in texts.items()}
@@ -78,7 +84,13 @@ def verify(cfg, url: str, reference_dir, out, echo=print) -> dict:
     t = cfg.verify.tolerances
     tol = Tolerances(logit_tol=t.logit_tol, int8_logit_tol=t.int8_logit_tol, int8_tie_margin=t.int8_tie_margin)
     t0 = time.perf_counter()
-    results = verify_prompts(url, golden, int8, tol, echo=echo)
+    from grok_deploy.errors import UserError
+    from grok_deploy.serving.client import ServerError
+
+    try:
+        results = verify_prompts(url, golden, int8, tol, echo=echo, decoupled=cfg.triton.decoupled)
+    except ServerError as e:
+        raise UserError(f"verify: the server at {url} failed a request: {e}") from None
     rule = (f"int8 engine: tokens agree except at a reference near-tie (top-2 margin < {tol.int8_tie_margin}), "
             f"logits within {tol.int8_logit_tol} on the agreed prefix" if int8 else
             f"float engine: identical greedy tokens, logits within {tol.logit_tol}")

@@ -68,6 +68,9 @@ def test_repository_layout_tokenizer_and_manifest(repo, tiny_ckpt):
         assert (repo / m / "1").is_dir() and man["models"][m]["config_sha256"]
     for m in ("preprocessing", "postprocessing"):
         assert hashlib.sha256((repo / m / "tokenizer" / "tokenizer.model").read_bytes()).hexdigest() == sha
+        names = sorted(p.name for p in (repo / m / "tokenizer").iterdir())  # and the Hugging Face folder
+        assert names == ["special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert man["hf_tokenizer"] == "preprocessing/tokenizer"
     for m, code in (("preprocessing", "preprocessing.py"), ("tensorrt_llm", "tensorrt_llm.py"),
                     ("postprocessing", "postprocessing.py"), ("tensorrt_llm_bls", "tensorrt_llm_bls.py")):
         src = resources.files("grok_deploy.serving").joinpath("triton_models", code).read_text()
@@ -84,8 +87,12 @@ def test_tensorrt_llm_contract(repo):
     assert ins["input_ids"] == ("TYPE_INT32", [-1], True, False, True)
     assert ins["input_lengths"] == ("TYPE_INT32", [1], False, True, False)       # required, reshape []
     assert ins["request_output_len"] == ("TYPE_INT32", [1], False, True, False)
-    assert ins["seed"][:4] == ("TYPE_UINT64", [1], True, True) and "random_seed" not in ins
-    assert ins["min_tokens"][0] == "TYPE_INT32" and "min_length" not in ins
+    # both spellings (<= v0.19: random_seed, min_length; >= v0.20: seed, min_tokens)
+    assert ins["seed"][:4] == ins["random_seed"][:4] == ("TYPE_UINT64", [1], True, True)
+    assert ins["min_tokens"][:4] == ins["min_length"][:4] == ("TYPE_INT32", [1], True, True)
+    assert ins["return_perf_metrics"][:4] == ("TYPE_BOOL", [1], True, True)
+    assert ins["guided_decoding_guide_type"][:2] == ins["guided_decoding_guide"][:2] == ("TYPE_STRING", [1])
+    assert ins["lookahead_window_size"][:4] == ("TYPE_INT32", [1], True, True)
     assert ins["stop_words_list"] == ("TYPE_INT32", [2, -1], True, False, True)
     for name in ("temperature", "runtime_top_p", "len_penalty"):
         assert ins[name][:4] == ("TYPE_FP32", [1], True, True)
@@ -113,7 +120,11 @@ def test_ensemble_steps_and_renames(repo):
     assert (llm["runtime_top_k"], llm["runtime_top_p"], llm["len_penalty"], llm["streaming"]) == \
         ("top_k", "top_p", "length_penalty", "stream")
     assert llm["input_ids"] == "_INPUT_ID" and llm["end_id"] == "_PREPROCESSOR_END_ID" and llm["seed"] == "seed"
+    assert llm["min_length"] == "min_length" and llm["random_seed"] == "random_seed"
+    assert llm["return_perf_metrics"] == "return_perf_metrics" and llm["lookahead_ngram_size"] == "lookahead_ngram_size"
     assert dict(steps["tensorrt_llm"].output_map)["output_ids"] == "_TOKENS_BATCH"
+    assert dict(steps["tensorrt_llm"].output_map)["first_token_time_ns"] == "first_token_time_ns"
+    assert io(c, "output")["arrival_time_ns"][:2] == ("TYPE_INT64", [1])
     assert post == {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
     assert dict(steps["postprocessing"].output_map) == {"OUTPUT": "text_output"}
     # every name the ensemble maps exists in the step model's config, with the same dtype

@@ -68,7 +68,7 @@ def run_all(engine, params: list[Params], sinks=None, join_after: int = 0):
 
 def test_scheduler_batches_more_than_max_and_matches_reference(torch_engine, tiny_model, tiny_tokenizer):
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS[:6]]  # 6 sequences, 4 slots
-    params = [Params(p, 5 + i, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+    params = [Params(p, 5 + i, temperature=1.0, top_p=1.0, seed=i) for i, p in enumerate(prompts)]
     sinks, sched = run_all(torch_engine, params)
     for i, (p, s) in enumerate(zip(prompts, sinks)):
         assert s.finals == 1 and not s.errors
@@ -89,9 +89,9 @@ def test_scheduler_end_id_stop_words_min_tokens_cancel(torch_engine, tiny_model,
     full = ref(tiny_model, p, 8, temperature=1.0, seed=3)
     cancelled = ListSink()
     cancelled.cancel = True
-    params = [Params(p, 8, temperature=1.0, seed=3, end_id=full[4]),
-              Params(p, 8, temperature=1.0, seed=3, stop_words=[full[2:4]]),
-              Params(p, 8, temperature=1.0, seed=3, bad_words=[[full[0]]]),
+    params = [Params(p, 8, temperature=1.0, top_p=1.0, seed=3, end_id=full[4]),
+              Params(p, 8, temperature=1.0, top_p=1.0, seed=3, stop_words=[full[2:4]]),
+              Params(p, 8, temperature=1.0, top_p=1.0, seed=3, bad_words=[[full[0]]]),
               Params(p, 8),
               Params(p, 8, end_id=ref(tiny_model, p, 1)[0], min_tokens=3)]  # greedy would end at once
     sinks, _ = run_all(torch_engine, params, [ListSink(), ListSink(), ListSink(), cancelled, ListSink()])
@@ -191,7 +191,7 @@ def test_preprocessing_and_postprocessing_models(served, tiny_tokenizer):
     ids = tiny_tokenizer.encode("Naïve café 中文")
     out = client.infer("postprocessing", [tensor("TOKENS_BATCH", [[ids + [-1, -1]]], np.int32),
                                           tensor("SEQUENCE_LENGTH", [[len(ids)]], np.int32)])
-    assert out.as_numpy("OUTPUT")[0, 0].decode() == "Naïve café 中文"
+    assert out.as_numpy("OUTPUT").shape == (1,) and out.as_numpy("OUTPUT")[0].decode() == "Naïve café 中文"
     client.close()
 
 
@@ -248,9 +248,9 @@ def test_concurrent_streams_share_decode_steps(served, tiny_model, tiny_tokenize
     prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
     n = [12 + 2 * i for i in range(len(prompts))]
     want = [ref(tiny_model, p, k, temperature=1.0, seed=100 + i) for i, (p, k) in enumerate(zip(prompts, n))]
-    kw = dict(temperature=1.0, end_id=-1)
+    kw = dict(temperature=1.0, top_p=1.0, end_id=-1)
     jobs = {("llm", i): (lambda i=i: query_ids(served.grpc_url, prompts[i], n[i], stream=True, seed=100 + i,
-                                               temperature=1.0)) for i in range(8)}
+                                               temperature=1.0, runtime_top_p=1.0)) for i in range(8)}
     jobs.update({(model, i): (lambda i=i, model=model: query(served.grpc_url, PROMPTS[i], n[i], stream=True,
                                                              model=model, seed=100 + i, **kw))
                  for model, idx in (("ensemble", range(0, 4)), ("tensorrt_llm_bls", range(4, 8))) for i in idx})
@@ -272,7 +272,8 @@ def test_concurrent_streams_share_decode_steps(served, tiny_model, tiny_tokenize
 @pytest.mark.server
 def test_late_request_joins_the_running_batch(served, tiny_model, tiny_tokenizer):
     a, b = tiny_tokenizer.encode(PROMPTS[0]), tiny_tokenizer.encode(PROMPTS[1])
-    inputs = llm_inputs(a, 60, streaming=(True, np.bool_), temperature=(1.0, np.float32), seed=(5, np.uint64))
+    inputs = llm_inputs(a, 60, streaming=(True, np.bool_), temperature=(1.0, np.float32), seed=(5, np.uint64),
+                        runtime_top_p=(1.0, np.float32))
     first = threading.Event()
     got_a, got_b = [], {}
 
@@ -302,7 +303,7 @@ def test_ensemble_and_bls_text(served, tiny_model, tiny_tokenizer):
         ids = tiny_tokenizer.encode(prompt)  # preprocessing adds no BOS: the same ids as the reference
         out = ref(tiny_model, ids, 12, temperature=1.0, seed=i)
         want = tiny_tokenizer.decode(out)
-        kw = dict(temperature=1.0, seed=i, end_id=-1)
+        kw = dict(temperature=1.0, top_p=1.0, seed=i, end_id=-1)
         assert query(served.grpc_url, prompt, 12, **kw)["text"] == want
         assert query(served.grpc_url, prompt, 12, model="tensorrt_llm_bls", **kw)["text"] == want
         chunks = []
@@ -323,11 +324,14 @@ def test_bls_stream_equals_whole_text_with_split_bytes(served):
                       tensor("stream", [[stream]], np.bool_), tensor("exclude_input_in_output", [[True]], np.bool_),
                       tensor("embedding_bias_words", [["中文".encode()]], object),
                       tensor("embedding_bias_weights", [[1e4]], np.float32), tensor("temperature", [[1.0]], np.float32),
-                      tensor("seed", [[seed]], np.uint64), tensor("end_id", [[-1]], np.int32)]
+                      tensor("top_p", [[1.0]], np.float32), tensor("seed", [[seed]], np.uint64),
+                      tensor("end_id", [[-1]], np.int32)]
             return [r.as_numpy("text_output").reshape(-1)[0].decode() for r in
                     stream_request(served.grpc_url, "tensorrt_llm_bls", inputs)]
-        whole, chunks = send(False), send(True)
-        assert len(whole) == 1 and "".join(chunks) == whole[0]
+        whole, texts = send(False), send(True)
+        # accumulate_tokens: every response is the whole text so far; the last one is the whole text
+        assert len(whole) == 1 and texts[-1] == whole[0]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
 
 
 def http_generate(server, model: str, body: dict) -> tuple[int, dict]:
@@ -424,7 +428,7 @@ def test_cancellation_by_stop_and_by_closing_the_stream(served):
 
 
 @pytest.mark.server
-def test_non_decoupled_mode(tiny_ckpt, tiny_model, tmp_path):
+def test_non_decoupled_mode(tiny_ckpt, tiny_model, tiny_tokenizer, tmp_path):
     cfg, repo = make_repo(tmp_path, tiny_ckpt, extra="triton:\n  decoupled: false\n")
     server = start_server(cfg, repo)
     try:
@@ -435,6 +439,32 @@ def test_non_decoupled_mode(tiny_ckpt, tiny_model, tmp_path):
         for model in ("ensemble", "tensorrt_llm_bls"):
             status, doc = http_generate(server, model, {"text_input": "Hello", "max_tokens": 4})
             assert status == 200 and doc["text_output"].startswith("Hello")
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(server.grpc_url)  # plain ModelInfer, not the stream
+        res = client.infer("ensemble", [tensor("text_input", [[b"Hello"]], object), tensor("max_tokens", [[3]], np.int32)])
+        assert res.as_numpy("text_output").shape == (1,) and res.as_numpy("text_output")[0].decode().startswith("Hello")
+        # a stop request gets an empty response (no FINAL-only send, which Triton refuses here)
+        stop = [tensor("input_ids", [[0]], np.int32), tensor("input_lengths", [[0]], np.int32),
+                tensor("request_output_len", [[0]], np.int32), tensor("stop", [[True]], np.bool_)]
+        res = client.infer("tensorrt_llm", stop, request_id="nothing-running")
+        assert res.get_response().outputs == [] and res.get_response().id == "nothing-running"
+        client.close()
+        # verify without streaming (the backend refuses it here): the non-streamed checks pass
+        from grok_deploy.verify.compare import verify_prompts
+        from grok_deploy.verify.report import Tolerances
+
+        recs = []
+        for prompt in PROMPTS[:2]:
+            ids = tiny_tokenizer.encode(prompt)
+            res = generate(tiny_model, [ids], 6, return_logits=True)
+            top = np.argsort(-res.logits[0], axis=-1)[:, :8]
+            recs.append({"text": prompt, "prompt_ids": ids, "output_ids": res.output_ids[0],
+                         "output_text": tiny_tokenizer.decode(res.output_ids[0]), "top_ids": top.tolist(),
+                         "top_logits": np.take_along_axis(res.logits[0], top, -1).tolist()})
+        results = verify_prompts(server.grpc_url, {"max_tokens": 6, "prompts": recs}, False, Tolerances(),
+                                 decoupled=False)
+        assert [r.passed for r in results] == [True, True] and set(results[0].texts) == {"ensemble", "bls"}
     finally:
         server.stop()
 
@@ -459,3 +489,31 @@ def test_onnxruntime_engine_served_greedy_parity(tiny_ckpt, tiny_model, tiny_tok
         assert max(decode_steps(server)) >= 2
     finally:
         server.stop()
+
+
+def test_pre_and_postprocessing_take_a_hugging_face_folder(tiny_ckpt, tiny_tokenizer, tmp_path):
+    """The models' tokenizer loaders on a folder with only the packaged HF files: SentencePiece's ids,
+    text, special ids and control pieces (the models themselves run under Triton in the tests above)."""
+    import importlib
+    import shutil
+    import sys
+    import types
+
+    from grok_deploy.model.hf_tokenizer import write_hf_tokenizer
+
+    sys.modules.setdefault("triton_python_backend_utils", types.SimpleNamespace(TRITONSERVER_RESPONSE_COMPLETE_FINAL=1))
+    hf = write_hf_tokenizer(tiny_ckpt / "tokenizer.model", tmp_path / "hf")
+    sp_dir = tmp_path / "sp"
+    sp_dir.mkdir()
+    shutil.copyfile(tiny_ckpt / "tokenizer.model", sp_dir / "tokenizer.model")
+    for name in ("preprocessing", "postprocessing"):
+        mod = importlib.import_module(f"grok_deploy.serving.triton_models.{name}")
+        a, b = mod.load_tokenizer(str(hf)), mod.load_tokenizer(str(sp_dir))
+        assert type(a).__name__ == "HFTokenizer" and type(b).__name__ == "SentencePieceProcessor"
+        for text in PROMPTS + ["[EOS] is text", "a\n\n\tb  c", ""]:
+            ids = b.EncodeAsIds(text)
+            assert a.EncodeAsIds(text) == ids == tiny_tokenizer.encode(text)
+            assert a.DecodeIds(ids + [2]) == b.DecodeIds(ids + [2])  # the control piece decodes to nothing
+        assert (a.eos_id(), a.pad_id(), a.bos_id(), a.GetPieceSize()) == (b.eos_id(), b.pad_id(), b.bos_id(), 1024)
+        assert [i for i in range(1024) if a.IsControl(i)] == [i for i in range(1024) if b.IsControl(i)] + [3]
+        assert a.IdToPiece(2) == b.IdToPiece(2) == "[EOS]"

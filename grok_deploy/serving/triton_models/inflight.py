@@ -39,16 +39,21 @@ class Seq:
         self.reason: str | None = None  # length | end_id | stop_words | cancelled | error
         self.generator = torch.Generator().manual_seed(params.seed % (1 << 63))
         self.cancel_flag = False
+        # return_perf_metrics: ns since the epoch (0 = not yet)
+        self.arrival_ns, self.scheduled_ns, self.first_token_ns, self.last_token_ns = time.time_ns(), 0, 0, 0
 
     def cancelled(self) -> bool:
         return self.cancel_flag or self.sink.cancelled()
 
 
 class Scheduler:
-    """Runs `engine` on a thread; `submit(seq)` from any thread. `on_step(batch_size)` per step."""
+    """Runs `engine` on a thread; `submit(seq)` from any thread. `on_step(batch_size)` per step;
+    `on_turn(stats)` after each turn of the loop, with `turn_stats` (the backend's iteration stats)."""
 
-    def __init__(self, engine, on_step: Callable[[int], None] | None = None, log=None):
-        self.engine, self.on_step, self.log = engine, on_step, log
+    def __init__(self, engine, on_step: Callable[[int], None] | None = None, log=None,
+                 on_turn: Callable[[dict], None] | None = None):
+        self.engine, self.on_step, self.log, self.on_turn = engine, on_step, log, on_turn
+        self.iterations = 0
         self.cv = threading.Condition()
         self.pending: collections.deque[Seq] = collections.deque()
         self.live: list[Seq] = []
@@ -123,12 +128,28 @@ class Scheduler:
                 self._finish(seq, "cancelled")
         if self.live:
             self._step()
+        self.iterations += 1
+        if self.on_turn:
+            try:
+                self.on_turn(self.turn_stats(new))
+            except Exception as e:  # noqa: BLE001 - statistics must not stop decoding
+                self._warn(f"on_turn: {e}")
+
+    def turn_stats(self, new: list[Seq]) -> dict:
+        """Counts of this turn: sequences waiting, admitted (context phase, and their prompt
+        tokens), decoding after the turn (active = scheduled: every live sequence is stepped),
+        the engine's slots (max), and iterations so far."""
+        live = len(self.live)
+        return {"waiting": len(self.pending), "context": len(new),
+                "context_tokens": sum(len(s.params.prompt) for s in new), "scheduled": live, "active": live,
+                "max": self.engine.max_batch_size, "iterations": self.iterations}
 
     def _admit(self, seq: Seq) -> None:
         if seq.cancelled():
             return self._emit(seq, [], "cancelled")
         p = seq.params
         p.max_new = min(p.max_new, self.engine.max_seq_len - len(p.prompt))  # clamped, as TensorRT-LLM
+        seq.scheduled_ns = time.time_ns()
         try:
             logits = self.engine.add(seq.key, p.prompt)
         except EngineError as e:
@@ -169,6 +190,8 @@ class Scheduler:
 
         p = seq.params
         tok, x = next_token(logits, p, p.prompt + seq.out, len(seq.out), seq.generator)
+        seq.last_token_ns = time.time_ns()
+        seq.first_token_ns = seq.first_token_ns or seq.last_token_ns
         if tok == p.end_id:
             return self._finish(seq, "end_id")
         seq.out.append(tok)

@@ -1,10 +1,12 @@
 """Requests of the python-backend `tensorrt_llm` model, free of Triton (unit-tested).
 
 `parse_request(inputs, ...)` checks one request's tensors (the TensorRT-LLM backend's names,
-dtypes and shapes: triton-serving.md §3) and returns one `Params` per batch row, or raises
-`BadRequest`. `next_token` samples with the reference's semantics (generate.sample): greedy when
-temperature <= 0 or top_k == 1, else top-k, then logits / T and the original's nucleus filter,
-drawn from the sequence's own torch.Generator (seeded with `seed`).
+dtypes and shapes: triton-serving.md §3; both spellings of the renamed inputs, `min_length` /
+`min_tokens` and `random_seed` / `seed`) and returns one `Params` per batch row, or raises
+`BadRequest`. Sampling follows TensorRT-LLM's defaults: with neither `runtime_top_k` nor
+`runtime_top_p` (top_p <= 0 counts as unset) it decodes greedily; otherwise top-k (k > 0), then
+logits / T (default 1.0) and the original's nucleus filter (generate.sample), drawn from the
+sequence's own torch.Generator (seeded with `seed`).
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ class Params:
     prompt: list[int]
     max_new: int                      # request_output_len
     end_id: int = -1                  # -1: never stops on a token (the backend's default)
-    temperature: float = 0.0
-    top_k: int = 0                    # 0: all tokens
-    top_p: float = 1.0
+    temperature: float = 1.0          # TensorRT-LLM's default
+    top_k: int = 0                    # 0: unset (all tokens)
+    top_p: float = 0.0                # 0: unset (no nucleus filter); both unset = greedy
     seed: int = 0
     min_tokens: int = 0
     stop_words: list[list[int]] = field(default_factory=list)
@@ -43,10 +45,11 @@ class Params:
     exclude_input: bool = False
     return_log_probs: bool = False
     return_generation_logits: bool = False
+    return_perf_metrics: bool = False
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature <= 0.0 or self.top_k == 1 or (self.top_k == 0 and self.top_p <= 0.0)
 
 
 # --- request parsing ------------------------------------------------------------------------
@@ -56,12 +59,22 @@ UNSUPPORTED = {"beam_width": 1, "num_return_sequences": 1, "return_context_logit
                "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 UNSUPPORTED_TENSORS = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config",
                        "draft_input_ids", "draft_logits", "encoder_input_features")
+# accepted, refused with INVALID_ARG only when actually asked for (a non-empty value): the
+# backend's own answers when the model instance has no guided decoder / lookahead configuration
+NOT_CONFIGURED = {
+    "guided_decoding_guide_type": "guided decoding needs a guided_decoding_backend, which this engine does not have",
+    "guided_decoding_guide": "guided decoding needs a guided_decoding_backend, which this engine does not have",
+    **{n: "Cannot set the request lookahead decoding configuration when model instance lookahead "
+          "parameters are not set." for n in ("lookahead_window_size", "lookahead_ngram_size",
+                                              "lookahead_verification_set_size")}}
+ALIASES = {"min_length": "min_tokens", "random_seed": "seed"}  # <= v0.19 name -> >= v0.20 name
 DTYPES = {"input_ids": np.int32, "input_lengths": np.int32, "request_output_len": np.int32,
           "end_id": np.int32, "pad_id": np.int32, "runtime_top_k": np.int32, "min_tokens": np.int32,
           "temperature": np.float32, "runtime_top_p": np.float32, "seed": np.uint64,
           "streaming": np.bool_, "exclude_input_in_output": np.bool_, "return_log_probs": np.bool_,
           "return_generation_logits": np.bool_, "stop": np.bool_, "stop_words_list": np.int32,
-          "bad_words_list": np.int32, "embedding_bias": np.float32}
+          "bad_words_list": np.int32, "embedding_bias": np.float32, "return_perf_metrics": np.bool_,
+          "min_length": np.int32, "random_seed": np.uint64}
 
 
 def _get(inputs: dict, name: str, batch: int | None = None):
@@ -101,6 +114,16 @@ def word_lists(a: np.ndarray | None) -> list[list[int]]:
 def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: bool,
                   exclude_default: bool = False) -> list[Params]:
     """One Params per batch row; BadRequest (INVALID_ARG or UNSUPPORTED) for what we refuse."""
+    inputs = dict(inputs)
+    for old, new in ALIASES.items():
+        if old in inputs:
+            if new in inputs and not np.array_equal(inputs[old], inputs[new]):
+                raise BadRequest(f"inputs '{old}' and '{new}' are two spellings of one input and differ; send one")
+            inputs[new] = _get(inputs, old)
+    for name, why in NOT_CONFIGURED.items():
+        a = inputs.get(name)
+        if a is not None and a.size and any(x not in (b"", "", 0) for x in a.reshape(-1).tolist()):
+            raise BadRequest(f"input '{name}': {why}")
     for name in ("input_ids", "input_lengths", "request_output_len"):
         if name not in inputs:
             raise BadRequest(f"missing required input '{name}'")
@@ -137,14 +160,15 @@ def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: 
         if streaming and not decoupled:
             raise BadRequest("Streaming is only supported if model is deployed using decoupled mode.")
         p = Params(prompt, max_new, end_id=_scalar(inputs, "end_id", b, batch, -1),
-                   temperature=float(_scalar(inputs, "temperature", b, batch, 0.0)),
+                   temperature=float(_scalar(inputs, "temperature", b, batch, 1.0)),
                    top_k=_scalar(inputs, "runtime_top_k", b, batch, 0),
-                   top_p=float(_scalar(inputs, "runtime_top_p", b, batch, 1.0)),
+                   top_p=float(_scalar(inputs, "runtime_top_p", b, batch, 0.0)),
                    seed=int(_scalar(inputs, "seed", b, batch, 0)),
                    min_tokens=_scalar(inputs, "min_tokens", b, batch, 0), streaming=streaming,
                    exclude_input=bool(_scalar(inputs, "exclude_input_in_output", b, batch, exclude_default)),
                    return_log_probs=bool(_scalar(inputs, "return_log_probs", b, batch, False)),
-                   return_generation_logits=bool(_scalar(inputs, "return_generation_logits", b, batch, False)))
+                   return_generation_logits=bool(_scalar(inputs, "return_generation_logits", b, batch, False)),
+                   return_perf_metrics=bool(_scalar(inputs, "return_perf_metrics", b, batch, False)))
         if not (math.isfinite(p.temperature) and math.isfinite(p.top_p)):  # NaN passes `< 0` checks
             raise BadRequest(f"sampling inputs must be finite numbers: temperature {p.temperature}, "
                              f"runtime_top_p {p.top_p}")
@@ -194,4 +218,5 @@ def next_token(logits: np.ndarray, p: Params, context: list[int], n_out: int, ge
     if 0 < p.top_k < y.numel():
         kth = torch.topk(y, p.top_k).values[-1]
         y = torch.where(y >= kth, y, torch.full_like(y, MASKED))
-    return int(sample(y[None], p.temperature, p.top_p, generator)[0]), x
+    top_p = p.top_p if p.top_p > 0.0 else 1.0  # unset: top-k (or plain) sampling, no nucleus filter
+    return int(sample(y[None], p.temperature, top_p, generator)[0]), x

@@ -1,14 +1,15 @@
 """`preprocessing`: text -> token ids with Grok's SentencePiece model, loaded directly (no HF
 wrapper) and with NO BOS, as Grok's runner (triton-serving.md §2). Copied to preprocessing/1/model.py.
 
-Self-contained (numpy + sentencepiece): `tokenizer_dir` is relative to the model's folder.
+Self-contained (numpy + sentencepiece, or tokenizers): `tokenizer_dir` (relative to the model's
+folder, or absolute) holds `tokenizer.model`, or a Hugging Face folder (`tokenizer.json`, as the
+package stage writes beside it: grok_deploy/model/hf_tokenizer.py), which gives the same ids.
 Prompts are right-padded with pad_id; word lists become [2, N] (ids, end offsets, -1 padded).
 """
 import json
 import os
 
 import numpy as np
-import sentencepiece as spm
 import triton_python_backend_utils as pb_utils
 
 
@@ -20,12 +21,65 @@ def texts(a) -> list:
     return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in np.asarray(a).reshape(-1)]
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer folder (tokenizer.json, read with the `tokenizers` library) behind the
+    SentencePiece method names this model uses; control tokens ([EOS]...) never come out of text."""
+
+    def __init__(self, folder: str):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        self.tok.encode_special_tokens = True  # "[EOS]" in a prompt is text, as in SentencePiece
+        path = os.path.join(folder, "tokenizer_config.json")
+        config = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+        self.named = {k: self.tok.token_to_id(config[k]) for k in ("bos_token", "eos_token", "pad_token")
+                      if isinstance(config.get(k), str) and self.tok.token_to_id(config[k]) is not None}
+        self.special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+
+    def EncodeAsIds(self, text: str) -> list:  # noqa: N802 - SentencePiece's names
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def DecodeIds(self, ids) -> str:  # noqa: N802 - control tokens decode to nothing, as in SentencePiece
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def GetPieceSize(self) -> int:  # noqa: N802
+        return self.tok.get_vocab_size()
+
+    def IdToPiece(self, i: int) -> str:  # noqa: N802
+        return self.tok.id_to_token(int(i))
+
+    def IsControl(self, i: int) -> bool:  # noqa: N802
+        return int(i) in self.special
+
+    def bos_id(self) -> int:
+        return self.named.get("bos_token", -1)
+
+    def eos_id(self) -> int:
+        return self.named.get("eos_token", -1)
+
+    def pad_id(self) -> int:
+        return self.named.get("pad_token", -1)
+
+
+def load_tokenizer(folder: str):
+    """SentencePiece `tokenizer.model` when the folder has one (the reference's own), else a Hugging
+    Face `tokenizer.json` folder."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return HFTokenizer(folder)
+    raise pb_utils.TritonModelException(f"{folder}: neither tokenizer.model (SentencePiece) nor tokenizer.json "
+                                        "(Hugging Face); set the tokenizer_dir parameter")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = os.path.join(args["model_repository"], params["tokenizer_dir"])
-        self.sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+        self.sp = load_tokenizer(folder)
         self.add_bos = truthy(params.get("add_special_tokens", "false"))  # package writes false for Grok
         self.vocab = self.sp.GetPieceSize()
         self.end_id = self.sp.eos_id()

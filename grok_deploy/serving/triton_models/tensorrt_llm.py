@@ -5,10 +5,12 @@ TensorRT-LLM backend's I/O contract (triton-serving.md §3, §8). Copied to tens
 thread and answers through each request's response sender: decoupled streaming sends one
 response per token, then FINAL; otherwise one response with the whole sequence. Every request
 gets exactly one FINAL, also after an error or a cancellation. Decode-step batch sizes are
-counted in the metric `grok_decode_steps_total{batch_size="N"}` (Triton's metrics port).
+counted in the metric `grok_decode_steps_total{batch_size="N"}` (Triton's metrics port), beside
+the backend's nv_trt_llm_* gauges (GAUGES) that this engine can fill honestly.
 """
 import json
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -17,6 +19,15 @@ from grok_deploy.serving.triton_models.inflight import Scheduler, Seq, load_engi
 from grok_deploy.serving.triton_models.params import BadRequest, parse_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+STATS_PERIOD_S = 0.1
+# (family, label, label values, help): the TensorRT-LLM backend's names and labels
+GAUGES = (("nv_trt_llm_request_metrics", "request_type", ("waiting", "context", "scheduled", "max", "active"),
+           "TRT LLM request metrics"),
+          ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", ("fraction", "tokens_per", "used", "free", "max"),
+           "TRT LLM KV cache block metrics"),
+          ("nv_trt_llm_inflight_batcher_metrics", "inflight_batcher_specific_metric",
+           ("micro_batch_id", "generation_requests", "total_context_tokens"), "TRT LLM inflight_batcher-specific metrics"),
+          ("nv_trt_llm_general_metrics", "general_type", ("iteration_counter", "timestamp"), "General TRT LLM metrics"))
 
 
 def error_response(message: str, code: str = "INTERNAL"):
@@ -82,7 +93,20 @@ class Sink:
         if p.return_generation_logits:
             rows = np.stack(logits) if logits else np.zeros((0, 0), np.float32)
             out.append(pb_utils.Tensor("generation_logits", rows.reshape(1, 1, *rows.shape).astype(np.float32)))
+        if p.return_perf_metrics:
+            out += [pb_utils.Tensor(name, np.array([[value]], dtype)) for name, value, dtype in perf_metrics(seq)]
         return pb_utils.InferenceResponse(output_tensors=out)
+
+
+def perf_metrics(seq: Seq) -> list:
+    """The backend's `return_perf_metrics` outputs: (name, value, dtype). The KV cache is one
+    preallocated slot of max_seq_len tokens per sequence (one "block", never shared: nothing is
+    reused), and there is no speculative decoding (acceptance 0)."""
+    return [("kv_cache_alloc_new_blocks", 1, np.int32), ("kv_cache_reused_blocks", 0, np.int32),
+            ("kv_cache_alloc_total_blocks", 1, np.int32), ("arrival_time_ns", seq.arrival_ns, np.int64),
+            ("first_scheduled_time_ns", seq.scheduled_ns, np.int64), ("first_token_time_ns", seq.first_token_ns, np.int64),
+            ("last_token_time_ns", seq.last_token_ns, np.int64), ("acceptance_rate", 0.0, np.float32),
+            ("total_accepted_draft_tokens", 0, np.int32), ("total_draft_tokens", 0, np.int32)]
 
 
 class TritonPythonModel:
@@ -98,20 +122,29 @@ class TritonPythonModel:
                                        description="decode steps run by the in-flight batcher, by batch size")
         self.metrics = {n: family.Metric(labels={"model": args["model_name"], "batch_size": str(n)})
                         for n in range(1, self.engine.max_batch_size + 1)}
-        self.family = family  # it must outlive its metrics (cleared in finalize)
+        self.families = [family]  # they must outlive their metrics (cleared in finalize)
+        self.published, self.published_at = {}, 0.0  # gauge values last sent (see _publish)
+        self.gauges = self._backend_gauges(args["model_name"], args["model_version"])
         self.scheduler = Scheduler(self.engine, on_step=lambda n: self.metrics[n].increment(1),
-                                   log=pb_utils.Logger.log_warn).start()
+                                   log=pb_utils.Logger.log_warn, on_turn=self._publish).start()
         pb_utils.Logger.log_info(f"tensorrt_llm: {params['engine_kind']} engine from {params['engine_dir']}, "
                                  f"max_batch_size {self.engine.max_batch_size}, max_seq_len {self.engine.max_seq_len}")
 
     def execute(self, requests):
+        refused = []
         for request in requests:
             try:
                 self._accept(request)
             except BadRequest as e:
-                request.get_response_sender().send(error_response(str(e), e.code), flags=FINAL)
+                refused.append((request, error_response(str(e), e.code), str(e)))
             except Exception as e:  # noqa: BLE001 - the request fails, the model keeps serving
-                request.get_response_sender().send(error_response(f"{type(e).__name__}: {e}"), flags=FINAL)
+                refused.append((request, error_response(f"{type(e).__name__}: {e}"), f"{type(e).__name__}: {e}"))
+        if refused and len(refused) == len(requests):
+            # raising is the python backend's only way to count them in nv_inference_request_failure
+            # (an error sent through the response sender counts as a success); each gets the error
+            raise pb_utils.TritonModelException("; ".join(dict.fromkeys(m for _, _, m in refused)))
+        for request, response, _ in refused:  # beside accepted requests: one error response each
+            request.get_response_sender().send(response, flags=FINAL)
         return None
 
     def _accept(self, request) -> None:
@@ -121,7 +154,9 @@ class TritonPythonModel:
             if not request.request_id():
                 raise BadRequest("A request id must be provided for request cancellation")
             self.scheduler.cancel(request.request_id())
-            request.get_response_sender().send(flags=FINAL)
+            # decoupled: a flags-only FINAL; otherwise Triton needs a response first: an empty one
+            empty = None if self.decoupled else pb_utils.InferenceResponse(output_tensors=[])
+            request.get_response_sender().send(empty, flags=FINAL)
             return
         rows = parse_request(inputs, self.max_input_len, self.engine.vocab_size, self.decoupled,
                              self.exclude_default)
@@ -129,6 +164,46 @@ class TritonPythonModel:
         for b, p in enumerate(rows):
             self.scheduler.submit(Seq(p, sink, b, request.request_id()))
 
+    def _backend_gauges(self, model: str, version: str) -> dict:
+        """The TensorRT-LLM backend's nv_trt_llm_* gauges that this engine can fill honestly:
+        {(family, label value): Metric}. The KV cache is one preallocated slot of max_seq_len
+        tokens per sequence, so a "block" is a slot: tokens_per = max_seq_len, max = the slots."""
+        out = {}
+        for name, label, values, text in GAUGES:
+            fam = pb_utils.MetricFamily(name=name, kind=pb_utils.MetricFamily.GAUGE, description=text)
+            self.families.append(fam)
+            for v in values:
+                out[name, v] = fam.Metric(labels={"model": model, "version": version, label: v})
+        out["nv_trt_llm_kv_cache_block_metrics", "tokens_per"].set(self.engine.max_seq_len)
+        out["nv_trt_llm_kv_cache_block_metrics", "max"].set(self.engine.max_batch_size)
+        out["nv_trt_llm_request_metrics", "max"].set(self.engine.max_batch_size)
+        self._publish({"waiting": 0, "context": 0, "context_tokens": 0, "scheduled": 0, "active": 0,
+                       "max": self.engine.max_batch_size, "iterations": 0}, out)
+        return out
+
+    def _publish(self, st: dict, gauges: dict | None = None) -> None:
+        """One turn of the in-flight batcher (inflight.Scheduler.turn_stats) onto the gauges. Each
+        set() is an IPC call, so only changed values are sent, and a turn that changes no request
+        count is published at most every STATS_PERIOD_S (the backend's stats_check_period_ms)."""
+        g = gauges if gauges is not None else self.gauges
+        req, kv, ib = "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics", "nv_trt_llm_inflight_batcher_metrics"
+        counts = {(req, k): st[k] for k in ("waiting", "context", "scheduled", "active")}
+        now = time.monotonic()
+        if gauges is None and all(self.published.get(k) == v for k, v in counts.items()) \
+                and now - self.published_at < STATS_PERIOD_S:
+            return
+        self.published_at = now
+        values = {**counts, (kv, "used"): st["active"], (kv, "free"): st["max"] - st["active"],
+                  (kv, "fraction"): st["active"] / st["max"], (ib, "micro_batch_id"): 0,
+                  (ib, "generation_requests"): st["active"], (ib, "total_context_tokens"): st["context_tokens"],
+                  ("nv_trt_llm_general_metrics", "iteration_counter"): st["iterations"],
+                  ("nv_trt_llm_general_metrics", "timestamp"): int(time.time())}
+        for key, v in values.items():
+            if self.published.get(key) != v:
+                g[key].set(v)
+                self.published[key] = v
+
     def finalize(self):
         self.scheduler.close()
-        self.metrics.clear()  # metrics before their family
+        self.metrics.clear()  # metrics before their families
+        self.gauges.clear()

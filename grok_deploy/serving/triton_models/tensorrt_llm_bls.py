@@ -3,8 +3,9 @@ ensemble's I/O. Copied to tensorrt_llm_bls/1/model.py; needs only numpy.
 
 preprocessing -> tensorrt_llm (exec(decoupled=True), `streaming` from the client's `stream`)
 -> postprocessing per response. With accumulate_tokens, a stream re-decodes every id so far and
-sends only the new characters (held back while they end in an incomplete UTF-8 sequence), so the
-concatenated stream equals the non-streamed text: spaces and multi-byte characters survive.
+sends the WHOLE text so far (as the backend's BLS does; a response is held back while the text
+ends in an incomplete UTF-8 sequence), so the last streamed text equals the non-streamed text:
+spaces and multi-byte characters survive.
 Each request runs on its own thread, so one instance serves many streams; decoupled, it sends
 each data response and then a flags-only FINAL (exactly one, also after errors). A cancelled
 request (client gone) stops its tensorrt_llm sequence with the backend's `stop` input and the
@@ -30,9 +31,14 @@ TO_LLM = {"top_k": "runtime_top_k", "top_p": "runtime_top_p", "length_penalty": 
                             "min_tokens", "seed", "beam_width", "num_return_sequences", "exclude_input_in_output",
                             "return_log_probs", "return_context_logits", "return_generation_logits",
                             "prompt_embedding_table", "prompt_vocab_size", "lora_task_id", "lora_weights",
-                            "lora_config")}}
+                            "lora_config", "min_length", "random_seed", "return_perf_metrics",
+                            "guided_decoding_guide_type", "guided_decoding_guide", "lookahead_window_size",
+                            "lookahead_ngram_size", "lookahead_verification_set_size")}}
+PERF_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
+                "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
+                "total_accepted_draft_tokens", "total_draft_tokens")
 PASS_THROUGH = ("cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index",
-                "sequence_index")
+                "sequence_index", *PERF_OUTPUTS)
 
 
 class Failed(Exception):
@@ -102,7 +108,7 @@ class TritonPythonModel:
                                         requested_output_names=["output_ids", "sequence_length", *PASS_THROUGH],
                                         request_id=child)
         responses = req.exec(decoupled=True) if self.decoupled else [req.exec()]
-        tokens, sent, text = [], 0, ""
+        tokens, sent, text, out = [], 0, "", {}
         for resp in responses:
             if request.is_cancelled():
                 if self.decoupled:
@@ -114,17 +120,18 @@ class TritonPythonModel:
             if "output_ids" not in out:
                 continue  # the flags-only FINAL
             ids = out["output_ids"][0, 0, :int(out["sequence_length"].reshape(-1)[0])]
-            if stream and self.accumulate:
+            if stream and self.accumulate:  # the whole text so far, as the backend's BLS
                 tokens += ids.tolist()
                 text = self.detokenize(tokens)
-                delta, sent = text_delta(text, sent, False)
-                if not delta:
-                    continue
+                _, ready = text_delta(text, sent, False)
+                if ready == sent:
+                    continue  # nothing new, or only the start of a multi-byte character
+                sent = ready
+                yield self.response(text[:sent], out)
             else:
-                delta = self.detokenize(ids)
-            yield self.response(delta, out)
+                yield self.response(self.detokenize(ids), out)
         if stream and self.accumulate and sent < len(text):
-            yield self.response(text_delta(text, sent, True)[0], {})
+            yield self.response(text, out)
 
     def stop(self, request_id: str) -> None:
         """Cancel the running tensorrt_llm sequence `request_id` (its FINAL still arrives)."""
@@ -148,6 +155,7 @@ class TritonPythonModel:
 
     @staticmethod
     def response(text: str, llm_out: dict):
-        tensors = [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object))]
+        # [1]: one string per batch row and beam, as the backend's postprocessing returns it
+        tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=object))]
         tensors += [pb_utils.Tensor(k, llm_out[k]) for k in PASS_THROUGH if k in llm_out]
         return pb_utils.InferenceResponse(output_tensors=tensors)
