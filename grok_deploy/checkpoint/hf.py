@@ -114,6 +114,15 @@ class HfCheckpoint(Checkpoint):
         self._expert_check(name, e)
         return self._get(name, self._names(name)[e]).astype(np.float32)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        hf = self._names(name)
+        if len(hf) != 1 or _transposed(name, 2):
+            return super().read_rows(name, lo, hi)
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[hf[0]]), framework="np") as f:
+            return np.asarray(f.get_slice(hf[0])[lo:hi], np.float32)
+
 
 def open_hf(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> HfCheckpoint:
     """Index the *.safetensors of `path` by name, measure the model sizes, check every shape."""

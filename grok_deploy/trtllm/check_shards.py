@@ -148,8 +148,6 @@ class RankModel:
     """One rank's share of the model; forward() does its layers and the collectives."""
 
     def __init__(self, w: dict, cfg: dict, m: Mapping, rank: int, groups: list):
-        from grok_deploy.model.grok import bf16_const
-
         self.w, self.m, self.rank = w, m, rank
         self.tp_group = groups[m.pp_rank(rank)]
         self.first, self.last = m.pp_rank(rank) == 0, m.pp_rank(rank) == m.pp - 1
@@ -158,8 +156,8 @@ class RankModel:
         self.dk, self.d = cfg["head_size"], cfg["hidden_size"]
         self.eps, self.base, self.k = cfg["norm_epsilon"], cfg["rotary_base"], cfg["moe_top_k"]
         self.scale, self.cap = self.dk ** -0.5, cfg["max_attn_value"]
-        self.emb_mult = bf16_const(cfg["embedding_multiplier_scale"])  # as the reference
-        self.out_mult = bf16_const(cfg["output_multiplier_scale"])
+        self.emb_mult = cfg["embedding_multiplier_scale"]  # exact: the float32 reference's math
+        self.out_mult = cfg["output_multiplier_scale"]
         self.experts = m.experts(rank, cfg["moe_num_experts"])
 
     def new_cache(self, max_len: int) -> None:

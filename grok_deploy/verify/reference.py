@@ -27,7 +27,9 @@ def run_reference(source, out, prompts: list[str], max_tokens: int, dtype: str =
 
     ckpt = open_checkpoint(source, preset=preset)
     tok = load_tokenizer(ckpt.tokenizer_path)
-    ids = [tok.encode(p) for p in prompts]
+    from grok_deploy.verify.score import fit_context
+
+    ids = [fit_context(tok.encode(p), ckpt.config.sequence_len, f"verify.prompts.{i}") for i, p in enumerate(prompts)]
     for text, p in zip(prompts, ids):
         if not p:
             raise UserError(f"verify.prompts: {text!r} encodes to no tokens; remove it")
@@ -82,6 +84,9 @@ def cli_generate(args) -> int:
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise UserError("--prompt encodes to no tokens; give a non-empty prompt")
+    from grok_deploy.verify.score import fit_context
+
+    prompt_ids = fit_context(prompt_ids, ckpt.config.sequence_len, "--prompt")
     model = load_model(ckpt, args.dtype)
     torch.manual_seed(args.seed)
     res = generate(model, [prompt_ids], args.max_tokens, args.temperature, args.top_p, args.seed,
