@@ -136,13 +136,15 @@ def moe_streamed(x: Tensor, w_router: Tensor, get_expert, k: int, experts) -> Te
 
 
 def decoder_layer(c: GrokConfig, h: Tensor, lw, cos: Tensor, sin: Tensor, mask: Tensor,
-                  kv=None, attn_rows: int | None = None) -> Tensor:
+                  kv=None, attn_rows: int | None = None, taps: dict | None = None) -> Tensor:
     """One decoder layer on h (B, T, D) in the compute dtype; returns the new h.
 
     `lw` holds the layer's weights: attributes wq, wk, wv, wo, norm0..norm3, router and
     `expert(e) -> (w, v, o)` (fetched one expert at a time). `kv(k, v) -> (k, v)` lets a KV cache
     store this step's keys and values and return the whole memory. `attn_rows`: attention per
     sequence, in blocks of that many queries, to bound the (Hq, T, S) scores of long inputs.
+    `taps`, if given, receives the branch outputs before their norms: "attention" (a Wo) and
+    "moe", both (B, T, D), for a layer-by-layer comparison.
     """
     b, t, _ = h.shape
     x = rms_norm(h, lw.norm0, c.norm_eps)
@@ -157,10 +159,13 @@ def decoder_layer(c: GrokConfig, h: Tensor, lw, cos: Tensor, sin: Tensor, mask: 
         a = torch.cat([torch.cat([attention_core(q[i:i + 1, lo:lo + attn_rows], k[i:i + 1], v[i:i + 1],
                                                  mask[i:i + 1, lo:lo + attn_rows], c.attn_scale, c.max_attn_value)
                                   for lo in range(0, t, attn_rows)], dim=1) for i in range(b)], dim=0)
-    h = h + rms_norm(a @ lw.wo, lw.norm1, c.norm_eps)
+    a = a @ lw.wo
+    h = h + rms_norm(a, lw.norm1, c.norm_eps)
     x = rms_norm(h, lw.norm2, c.norm_eps).reshape(b * t, c.emb_size)
-    m = moe_streamed(x, lw.router, lw.expert, c.num_selected_experts, range(c.num_experts))
-    return h + rms_norm(m.view(b, t, c.emb_size), lw.norm3, c.norm_eps)
+    m = moe_streamed(x, lw.router, lw.expert, c.num_selected_experts, range(c.num_experts)).view(b, t, c.emb_size)
+    if taps is not None:
+        taps.update(attention=a, moe=m)
+    return h + rms_norm(m, lw.norm3, c.norm_eps)
 
 
 # --- KV cache ----------------------------------------------------------------------------------

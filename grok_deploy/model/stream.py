@@ -44,11 +44,13 @@ def causal_mask(lengths: Tensor, t: int) -> Tensor:
 @torch.no_grad()
 def streamed_hidden(cfg: GrokConfig, source: WeightSource, tokens: Tensor, lengths: Tensor,
                     dtype: torch.dtype = torch.float32,
-                    on_layer: Callable[[int, Tensor, float], None] | None = None) -> Tensor:
+                    on_layer: Callable[[int, Tensor, float], None] | None = None,
+                    taps: list | None = None) -> Tensor:
     """Final hidden states (B, T, D) in `dtype` of right-padded `tokens` (B, T) at positions 0..
 
-    `on_layer(i, h, seconds)` is called after each layer with its output (for progress, timing,
-    or a layer-by-layer comparison)."""
+    `on_layer(i, h, seconds)` is called after each layer with its output (for progress and
+    timing); `taps`, if given, gets per layer {"input", "attention", "moe"} (B, T, D) for a
+    layer-by-layer comparison."""
     b, t = tokens.shape
     emb_mult, _ = multipliers(cfg, dtype)
     positions = torch.arange(t).expand(b, t)
@@ -58,7 +60,10 @@ def streamed_hidden(cfg: GrokConfig, source: WeightSource, tokens: Tensor, lengt
     for i in range(cfg.num_layers):
         t0 = time.perf_counter()
         lw = source.layer(i, dtype)
-        h = decoder_layer(cfg, h, lw, cos, sin, mask, attn_rows=ATTN_ROWS)
+        tap = None if taps is None else {"input": h}
+        h = decoder_layer(cfg, h, lw, cos, sin, mask, attn_rows=ATTN_ROWS, taps=tap)
+        if taps is not None:
+            taps.append(tap)
         del lw
         if on_layer:
             on_layer(i, h, time.perf_counter() - t0)

@@ -118,17 +118,16 @@ def test_near_tie_divergence_passes_and_later_positions_are_still_checked(tiny_c
     j = int(np.argmin(rec["margin"][:N - 3]))  # the reference's nearest tie: a quantised engine may flip it
     tol = Tolerances(int8_tie_margin=rec["margin"][j] + 1e-3)
     flipped = continue_greedy(tiny_model, prompt, good[:j] + [rec["top_ids"][j][1]], N)
-    rec = score(tiny_ckpt, [prompt], [flipped])["prompts"][0]
-    ok, reason, div, _, ties, bad = judge_scored(rec, flipped, None, True, tol)
-    assert ok and div == j and ties == [j] and bad == [] and f"near-ties at [{j}]" in reason
-    # the same served output with a second, clear mistake after the tie: caught there
-    k = N - 1
-    if rec["margin"][k] < tol.int8_tie_margin:
-        pytest.fail("the last position is a near-tie too; pick another prompt")
+    k = N - 1  # and the same output with a second, clear mistake after the tie
     planted = flipped[:k] + [next(t for t in range(10, 1000) if t != flipped[k])]
-    rec = score(tiny_ckpt, [prompt], [planted])["prompts"][0]
-    ok, reason, div, _, ties, bad = judge_scored(rec, planted, None, True, tol)
+    rec_f, rec_p = score(tiny_ckpt, [prompt, prompt], [flipped, planted])["prompts"]
+    ok, reason, div, _, ties, bad = judge_scored(rec_f, flipped, None, True, tol)
+    assert ok and div == j and ties == [j] and bad == [] and f"near-ties at [{j}]" in reason
+    assert rec_f["margin"][k] >= tol.int8_tie_margin, "the last position is a near-tie too; pick another prompt"
+    ok, reason, div, _, ties, bad = judge_scored(rec_p, planted, None, True, tol)
     assert not ok and ties == [j] and bad == [k] and reason.startswith(f"token {k} differs where the reference margin is")
+    # the float rule refuses the near-tie flip itself
+    assert judge_scored(rec_f, flipped, None, False, tol)[5] == [j]
 
 
 def test_scored_logits_are_compared_at_every_position():
@@ -165,12 +164,13 @@ def test_long_prompt_is_left_truncated_with_a_warning(capsys):
 def test_reference_truncates_a_prompt_longer_than_the_context(tiny_ckpt, tmp_path, tiny_tokenizer, capsys):
     from grok_deploy.verify.reference import load_golden, run_reference
 
-    long = " ".join(["the market moved and the city changed"] * 200)
+    short_context = GrokConfig.from_name("grok-1-tiny", sequence_len=24)
+    long = "The answer to life the universe and everything is of course " * 4
     ids = tiny_tokenizer.encode(long)
-    assert len(ids) > 1024
-    run_reference(tiny_ckpt, tmp_path / "ref", [long], max_tokens=2)
-    assert "longer than the context of 1024; keeping its last 1024 tokens" in capsys.readouterr().err
-    assert load_golden(tmp_path / "ref")[0]["prompts"][0]["prompt_ids"] == ids[-1024:]
+    assert len(ids) > 24
+    run_reference(tiny_ckpt, tmp_path / "ref", [long], max_tokens=2, preset=short_context)
+    assert f"is {len(ids)} tokens, longer than the context of 24; keeping its last 24 tokens" in capsys.readouterr().err
+    assert load_golden(tmp_path / "ref")[0]["prompts"][0]["prompt_ids"] == ids[-24:]
 
 
 def test_auto_mode_scores_when_the_in_ram_reference_does_not_fit():
