@@ -153,7 +153,9 @@ def score_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int) -> 
     a = DTYPE_BYTES[dtype]
     n = sum(prompt_tokens) + len(prompt_tokens) * max_tokens  # tokens through every layer
     b, t = len(prompt_tokens), max(prompt_tokens) + max_tokens
-    expert = 3 * d * f * (4 + a)                        # one expert: f32 dequantised + compute copy
+    # one expert's three matrices in the compute dtype, one f32 dequantised copy being cast, and the
+    # int8 pages mapped while it is dequantised
+    expert = 3 * d * f * a + (d * f * 4 if a != 4 else 0) + d * f
     attn = (2 * m.q_size * d + 2 * m.kv_size * d) * a   # the layer's attention matrices
     acts = b * t * d * a * 6 + m.num_q_heads * min(t, 256) * t * 4  # residual, branches, one score block
     logits = len(prompt_tokens) * max_tokens * v * 4 + 8192 * d * 4
