@@ -169,8 +169,8 @@ def audit_streamed(ckpt, files: RankFiles, m: Mapping, quant: str, dtype: str, r
         diff = np.abs(got - exp)
         e = err.setdefault(key, [0.0, 0.0, 0.0])
         e[0] = max(e[0], float(diff.max(initial=0.0)))
-        e[1] += float((diff.astype(np.float64) ** 2).sum())
-        e[2] += float((exp.astype(np.float64) ** 2).sum())
+        e[1] += float(np.vdot(diff.ravel(), diff.ravel()))  # no (K, N) float64 temporaries
+        e[2] += float(np.vdot(exp.ravel(), exp.ravel()))
         if np.any(diff > tol):
             rec = bad.setdefault(key, {"file": key[0], "tensor": name, "max_abs_diff": 0.0,
                                        "problem": "values differ from what the source implies"})
