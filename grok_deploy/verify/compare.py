@@ -60,6 +60,8 @@ def judge_prompt(i: int, rec: dict, got: dict, ties: bool, tol: Tolerances, scor
     if scored:
         ok, reason, div, diffs, allowed, bad = judge_scored(rec, served, got["logits"], ties, tol)
         extra = {"tie_positions": allowed, "bad_positions": bad, "served_rank": rec["served_rank"]}
+        if len(served) != rec["asked"]:
+            ok, reason = False, f"served {len(served)} tokens, asked for {rec['asked']}"
     else:
         ok, reason, div, diffs = judge(rec, served, got["logits"], ties, tol)
     if got["streamed"] != served:
@@ -104,7 +106,7 @@ def score_prompts(cfg, url: str, source, tol: Tolerances, ties: bool, echo=None)
                    preset=cfg.model.preset)
     results = []
     for i, (rec, g) in enumerate(zip(scored["prompts"], got)):
-        rec = {**rec, "text": cfg.verify.prompts[i], "output_text": tok.decode(rec["output_ids"])}
+        rec = {**rec, "text": cfg.verify.prompts[i], "output_text": tok.decode(rec["output_ids"]), "asked": n}
         r = judge_prompt(i, rec, g, ties, tol, scored=True)
         results.append(r)
         if echo:
