@@ -49,6 +49,11 @@ class Checkpoint:
         for name in self.names():
             yield name, self.read(name)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows lo:hi of a 2-D leaf (the embedding), float32; readers that can read only those
+        bytes override this, so a block of the vocabulary never needs the whole table in memory."""
+        return np.ascontiguousarray(self.read(name)[lo:hi])
+
     def _expert_check(self, name: str, e: int) -> None:
         if len(names.leaf_shape(self.config, name)) != 3:
             raise ValueError(f"{name} is not a stacked expert leaf")

@@ -117,6 +117,15 @@ class HfCheckpoint(Checkpoint):
         self._expert_check(name, e)
         return self._get(name, self._names(name)[e]).astype(np.float32)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        hf = self._names(name)
+        if len(hf) != 1 or _transposed(name, 2):
+            return super().read_rows(name, lo, hi)
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[hf[0]]), framework="np") as f:
+            return np.asarray(f.get_slice(hf[0])[lo:hi], np.float32)
+
 
 MAX_HEADER_BYTES = 8 << 20  # a shard of the port lists a few hundred tensors (~100 KB of header)
 MAX_TENSORS = 20_000

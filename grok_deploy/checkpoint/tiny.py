@@ -63,15 +63,16 @@ def random_leaf(cfg: GrokConfig, path: str, index: int, seed: int):
     return quantize_blocks(w, 1)
 
 
-def make_tiny(out, preset: str = "grok-1-tiny", seed: int = 0, progress: bool = True) -> Path:
-    """Write OUT/ckpt-0/tensor{i:05d}_000 and OUT/tokenizer.model; atomic (tmp dir, then rename)."""
+def make_tiny(out, preset: str | GrokConfig = "grok-1-tiny", seed: int = 0, progress: bool = True) -> Path:
+    """Write OUT/ckpt-0/tensor{i:05d}_000 and OUT/tokenizer.model; atomic (tmp dir, then rename).
+    `preset` is a preset name or a GrokConfig (e.g. a preset with fewer layers)."""
     from grok_deploy.checkpoint.xai import write_checkpoint
     from grok_deploy.model.tokenizer import train_tiny_tokenizer
 
-    cfg = GrokConfig.from_name(preset)
+    cfg = preset if isinstance(preset, GrokConfig) else GrokConfig.from_name(preset)
     out = Path(out)
     if cfg.ffn_size % names.SCALE_K_BLOCKS or cfg.q_size % names.SCALE_K_BLOCKS:
-        raise UserError(f"preset {preset}: K axes must split into {names.SCALE_K_BLOCKS} scale blocks")
+        raise UserError(f"preset {cfg.name}: K axes must split into {names.SCALE_K_BLOCKS} scale blocks")
     if "\0" in str(out):
         raise UserError(f"{str(out)!r}: the output path contains a NUL character")
     if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or set(os.listdir(out)) - {MARK}):

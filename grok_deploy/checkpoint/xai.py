@@ -164,6 +164,15 @@ class XaiCheckpoint(Checkpoint):
             return dequantize(QuantizedWeight8bit(ref.weight.load_index(e), ref.scales.read(e)))
         return ref.read(e)
 
+    def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        ref = self.ref(name)
+        if isinstance(ref, QW8Ref) or ref.fortran or len(ref.shape) != 2:
+            return super().read_rows(name, lo, hi)
+        mm = ref.load()  # a memory map: only the rows asked for are touched, then unmapped
+        out = np.array(mm[lo:hi], np.float32)
+        del mm
+        return out
+
     def read_raw(self, name: str):
         """Read-only memory maps: an f32 ndarray, or QuantizedWeight8bit(int8 weight, bf16 scales)."""
         ref = self.ref(name)

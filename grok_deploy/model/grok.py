@@ -7,7 +7,8 @@ Numerics:
 - float32: everything in f32 (int8 x scale dequantised exactly by the reader).
 - bfloat16: the original's casts: bf16 weights and activations; f32 norms, RoPE, attention
   logits, softmax and router; probabilities, gates and RoPE results cast back to bf16.
-Both multiply by the multipliers rounded to bf16 (78.5 and 0.578125), as the original does.
+The embedding and output multipliers are exact in float32 and rounded to bf16 (78.5, 0.578125)
+in bfloat16 only, as the original (a weakly typed Python float times a bf16 array stays bf16).
 """
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ NEG_INF = -1e30  # the original's mask value (a select, not an additive bias)
 def bf16_const(x: float) -> float:
     """A Python float rounded to bf16, as JAX does when it multiplies a bf16 array by it."""
     return float(torch.tensor(x, dtype=torch.bfloat16))
+
+
+def multipliers(cfg: GrokConfig, dtype: torch.dtype) -> tuple[float, float]:
+    """(embedding, output) multipliers as the original applies them in `dtype`: exact in float32,
+    rounded to bf16 in bfloat16 (78.5 and 0.578125 for Grok-1)."""
+    if dtype == torch.bfloat16:
+        return bf16_const(cfg.embedding_multiplier), bf16_const(cfg.output_multiplier)
+    return cfg.embedding_multiplier, cfg.output_multiplier
 
 
 # --- building blocks (pure functions, reused by the sharded runner and the ONNX graph) ----------
@@ -101,17 +110,62 @@ def moe_sparse(x: Tensor, w_router: Tensor, w: Tensor, v: Tensor, o: Tensor, k: 
     w/v/o (all by default); tokens routed elsewhere contribute nothing here, which is how an
     expert-parallel rank computes its partial sum.
     """
+    experts = experts if experts is not None else range(w.shape[0])
+    first = experts[0] if len(experts) else 0
+    return moe_streamed(x, w_router, lambda e: (w[e - first], v[e - first], o[e - first]), k, experts)
+
+
+def moe_streamed(x: Tensor, w_router: Tensor, get_expert, k: int, experts) -> Tensor:
+    """moe_sparse with each expert's matrices fetched by `get_expert(e) -> (w, v, o)` only when a
+    token is routed to it, and dropped after use: one expert's weights live at a time.
+
+    x (N, D); w, v (D, F); o (F, D); `experts` are the global ids to run (contiguous).
+    """
     gates, idx = router_top2(x, w_router, k)
     gates = gates.to(x.dtype)  # gates cast to the compute dtype when mixing, as the original
-    experts = experts if experts is not None else range(w.shape[0])
     out = torch.zeros_like(x)
-    for local, e in enumerate(experts):
+    for e in experts:
         token, slot = torch.nonzero(idx == e, as_tuple=True)
         if token.numel() == 0:
             continue
-        y = expert_ffn(x[token], w[local], v[local], o[local])
+        w, v, o = get_expert(e)
+        y = expert_ffn(x[token], w, v, o)
+        del w, v, o
         out.index_add_(0, token, y * gates[token, slot, None])
     return out
+
+
+def decoder_layer(c: GrokConfig, h: Tensor, lw, cos: Tensor, sin: Tensor, mask: Tensor,
+                  kv=None, attn_rows: int | None = None, taps: dict | None = None) -> Tensor:
+    """One decoder layer on h (B, T, D) in the compute dtype; returns the new h.
+
+    `lw` holds the layer's weights: attributes wq, wk, wv, wo, norm0..norm3, router and
+    `expert(e) -> (w, v, o)` (fetched one expert at a time). `kv(k, v) -> (k, v)` lets a KV cache
+    store this step's keys and values and return the whole memory. `attn_rows`: attention per
+    sequence, in blocks of that many queries, to bound the (Hq, T, S) scores of long inputs.
+    `taps`, if given, receives the branch outputs before their norms: "attention" (a Wo) and
+    "moe", both (B, T, D), for a layer-by-layer comparison.
+    """
+    b, t, _ = h.shape
+    x = rms_norm(h, lw.norm0, c.norm_eps)
+    q = rope((x @ lw.wq).view(b, t, c.num_q_heads, c.key_size), cos, sin)
+    k = rope((x @ lw.wk).view(b, t, c.num_kv_heads, c.key_size), cos, sin)
+    v = (x @ lw.wv).view(b, t, c.num_kv_heads, c.key_size)
+    if kv is not None:
+        k, v = kv(k, v)
+    if attn_rows is None:
+        a = attention_core(q, k, v, mask, c.attn_scale, c.max_attn_value)
+    else:  # (B, T, Hq dk) built from blocks of (1, rows) queries
+        a = torch.cat([torch.cat([attention_core(q[i:i + 1, lo:lo + attn_rows], k[i:i + 1], v[i:i + 1],
+                                                 mask[i:i + 1, lo:lo + attn_rows], c.attn_scale, c.max_attn_value)
+                                  for lo in range(0, t, attn_rows)], dim=1) for i in range(b)], dim=0)
+    a = a @ lw.wo
+    h = h + rms_norm(a, lw.norm1, c.norm_eps)
+    x = rms_norm(h, lw.norm2, c.norm_eps).reshape(b * t, c.emb_size)
+    m = moe_streamed(x, lw.router, lw.expert, c.num_selected_experts, range(c.num_experts)).view(b, t, c.emb_size)
+    if taps is not None:
+        taps.update(attention=a, moe=m)
+    return h + rms_norm(m, lw.norm3, c.norm_eps)
 
 
 # --- KV cache ----------------------------------------------------------------------------------
@@ -145,6 +199,9 @@ class Layer(nn.Module):
         self.router = p(d, e, dt=torch.float32)
         self.w_gate, self.w_up, self.w_down = p(e, d, f), p(e, d, f), p(e, f, d)
 
+    def expert(self, e: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.w_gate[e], self.w_up[e], self.w_down[e]
+
 
 # canonical leaf name -> Layer attribute
 LEAF_TO_ATTR = {
@@ -172,8 +229,7 @@ class Grok(nn.Module):
         self.embedding = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.emb_size), requires_grad=False)  # f32
         self.final_norm = nn.Parameter(torch.zeros(cfg.emb_size), requires_grad=False)
         self.layers = nn.ModuleList(Layer(cfg, dtype) for _ in range(cfg.num_layers))
-        self.emb_mult = bf16_const(cfg.embedding_multiplier)
-        self.out_mult = bf16_const(cfg.output_multiplier)
+        self.emb_mult, self.out_mult = multipliers(cfg, dtype)
 
     @torch.no_grad()
     def load_params(self, params: Mapping[str, object]) -> None:
@@ -237,18 +293,11 @@ class Grok(nn.Module):
         cos, sin = rope_tables(positions, c.key_size, c.rope_base)
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.norm0, c.norm_eps)
-            q = rope((x @ layer.wq).view(b, t, c.num_q_heads, c.key_size), cos, sin)
-            k = rope((x @ layer.wk).view(b, t, c.num_kv_heads, c.key_size), cos, sin)
-            v = (x @ layer.wv).view(b, t, c.num_kv_heads, c.key_size)
+            kv = None
             if cache is not None:
-                cache.k[i][rows, slots] = k
-                cache.v[i][rows, slots] = v
-                k, v = cache.k[i], cache.v[i]
-            a = attention_core(q, k, v, mask, c.attn_scale, c.max_attn_value) @ layer.wo
-            h = h + rms_norm(a, layer.norm1, c.norm_eps)
-            x = rms_norm(h, layer.norm2, c.norm_eps).reshape(b * t, c.emb_size)
-            m = moe_sparse(x, layer.router, layer.w_gate, layer.w_up, layer.w_down,
-                           c.num_selected_experts).view(b, t, c.emb_size)
-            h = h + rms_norm(m, layer.norm3, c.norm_eps)
+                def kv(k, v, i=i):
+                    cache.k[i][rows, slots] = k
+                    cache.v[i][rows, slots] = v
+                    return cache.k[i], cache.v[i]
+            h = decoder_layer(c, h, layer, cos, sin, mask, kv)
         return self.unembed(h)

@@ -51,7 +51,7 @@ def io_spec(cfg) -> dict:
         },
         "kv_cache": "fixed capacity (past = capacity); bind the same buffer as past and present for an "
                     "in-place update; attention reads slots [0, max(position_ids)]",
-        "multipliers": {"embedding": 78.5, "output": 0.578125},
+        "multipliers": {"embedding": cfg.embedding_multiplier, "output": cfg.output_multiplier},  # exact (f32)
     }
 
 

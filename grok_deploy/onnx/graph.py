@@ -108,13 +108,6 @@ class WeightWriter:
         return tb, ts
 
 
-def bf16_const(x: float) -> float:
-    """model.bf16_const without torch: the multipliers as the original applies them (78.5, 0.578125)."""
-    import ml_dtypes
-
-    return float(np.float32(x).astype(ml_dtypes.bfloat16))
-
-
 def quantize_q8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric 8-bit blocks along K: q = round(w / s) + 128, zero point 128.
 
@@ -305,7 +298,7 @@ class DecoderBuilder:
         n_layers = c.num_layers if layers is None else layers
 
         emb = self.weight(names.EMBEDDING, (c.vocab_size, c.emb_size), lambda: self.src.read(names.EMBEDDING))
-        h = g.op("Mul", g.op("Gather", emb, "input_ids", axis=0), g.const(bf16_const(c.embedding_multiplier), np.float32))
+        h = g.op("Mul", g.op("Gather", emb, "input_ids", axis=0), g.const(c.embedding_multiplier, np.float32))
         self.shared()
         for i in range(n_layers):
             lp = names.layer_path(i, "")
@@ -316,7 +309,7 @@ class DecoderBuilder:
             h = g.op("Add", h, self.rms_norm(m, lp + "rms_norm_3/scale"))
 
         h = g.op("Reshape", self.rms_norm(h, names.FINAL_NORM), g.const([-1, c.emb_size]))
-        logits = g.op("Mul", g.op("Gemm", h, emb, transB=1), g.const(bf16_const(c.output_multiplier), np.float32))
+        logits = g.op("Mul", g.op("Gemm", h, emb, transB=1), g.const(c.output_multiplier, np.float32))
         shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([c.vocab_size]), axis=0)
         g.op("Reshape", logits, shape, out="logits")
         return self._model(n_layers)

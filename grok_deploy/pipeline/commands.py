@@ -40,10 +40,17 @@ def cli_verify(args) -> int:
     from grok_deploy.verify.compare import verify
 
     cfg = load_pipeline(args.pipeline)
+    url = args.url or f"{cfg.server.address}:{cfg.server.grpc_port}"
+    mode, _ = cfg.verify_mode()
+    if mode == "score":  # the streamed reference scores the served tokens: needs the checkpoint only
+        src = cfg.output("source") if cfg.model.source.format == "synthetic" else cfg.resolve(cfg.model.source.path)
+        if not src.is_dir():
+            raise UserError(f"{src}: no checkpoint; run `grok-deploy run {args.pipeline} --stages source` first")
+        res = verify(cfg, url, None, cfg.output("reports") / "verify", source=src, mode="score")
+        return 0 if res["passed"] else 1
     ref = cfg.output("reference")
     if not (ref / "manifest.json").is_file():
         raise UserError(f"{ref}: no reference outputs; run `grok-deploy run {args.pipeline} --stages source,reference` first")
-    url = args.url or f"{cfg.server.address}:{cfg.server.grpc_port}"
     res = verify(cfg, url, ref, cfg.output("reports") / "verify")
     return 0 if res["passed"] else 1
 

@@ -156,6 +156,17 @@ def commands(cfg: PipelineConfig) -> list[dict]:
 STATUS = {"run": "would run", "skip": "cached", "n/a": "not applicable"}
 
 
+def verify_estimate(cfg: PipelineConfig) -> dict:
+    """verify.mode resolved, with the peak host memory and time of the reference side."""
+    from grok_deploy.verify.score import golden_estimate, prompt_tokens_guess, score_estimate
+
+    mode, why = cfg.verify_mode()
+    v = cfg.verify
+    tokens = prompt_tokens_guess(list(v.prompts))
+    est = (score_estimate if mode == "score" else golden_estimate)(cfg.grok, v.reference_dtype, tokens, v.max_tokens)
+    return {"mode": mode, "why": why, "prompts": len(tokens), "max_tokens": v.max_tokens, **est}
+
+
 def plan_doc(cfg: PipelineConfig) -> dict:
     from grok_deploy.pipeline.runner import schedule
 
@@ -177,7 +188,7 @@ def plan_doc(cfg: PipelineConfig) -> dict:
                     "output": str(d.out) if d.out else None, "fingerprint": d.fingerprint} for d in decisions],
         "commands": commands(cfg),
         "memory_per_gpu_bytes": mem["total_bytes"], "memory": mem, "fits": mem["fits"], "verdict": mem["verdict"],
-        "roofline": roof, "warnings": warnings,
+        "roofline": roof, "verify": verify_estimate(cfg), "warnings": warnings,
     }
 
 
@@ -201,8 +212,17 @@ def render(doc: dict, cfg: PipelineConfig) -> str:
               f"  {mem['verdict']}",
               f"decode roofline: {roof['active_weight_bytes_per_token'] / 1e9:.3f} GB active weights per token per rank "
               f"/ {roof['hbm_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> <= {roof['tokens_per_s_upper_bound']:.0f} tokens/s per sequence"]
+    v = doc["verify"]
+    lines += [f"verify: mode {v['mode']} ({v['why']}); {cfg.verify.reference_dtype} reference peak ~{v['peak_bytes'] / 1e9:.1f} GB "
+              f"host memory, ~{_duration(v['seconds'])} for {v['prompts']} prompts x {v['max_tokens']} tokens"
+              + (f" ({v['seconds_per_layer']:.1f} s and {v['bytes_per_layer'] / 1e9:.2f} GB read per layer)"
+                 if v["mode"] == "score" else "")]
     lines += [f"warning: {w}" for w in doc["warnings"]]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def cli_plan(args) -> int:

@@ -121,6 +121,9 @@ class Verify(_Section):
     prompts: Annotated[list[str], Field(min_length=1, max_length=1000)] = [SHARDS_PROMPT]
     max_tokens: PosInt = 16
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
+    # golden: reference run first, compare after; score: the server generates, the layer-streamed
+    # reference scores its tokens (bounded memory); auto: score when golden would not fit the host
+    mode: Literal["auto", "golden", "score"] = "auto"
     check_shards: bool = True        # run the TensorRT-LLM checkpoint rank by rank (gloo)
     shards_prompt: str = SHARDS_PROMPT
     tolerances: VerifyTolerances = VerifyTolerances()
@@ -164,6 +167,12 @@ class PipelineConfig(_Section):
     def grok(self) -> GrokConfig:
         """The model preset's hyper-parameters."""
         return PRESETS[self.model.preset]
+
+    def verify_mode(self) -> tuple[str, str]:
+        """(golden | score, why): verify.mode with `auto` resolved against this host's memory."""
+        from grok_deploy.verify.score import resolve_mode
+
+        return resolve_mode(self.verify.mode, self.grok, self.verify.reference_dtype)
 
     @property
     def world_size(self) -> int:

@@ -147,6 +147,10 @@ def run_deploy(ctx: StageContext) -> dict:
 def run_verify(ctx: StageContext) -> dict:
     from grok_deploy.verify.compare import verify
 
+    mode, _ = ctx.cfg.verify_mode()
+    if mode == "score":
+        return verify(ctx.cfg, url=ctx.services["url"], reference_dir=None, out=ctx.out,
+                      source=_checkpoint(ctx), mode="score")
     return verify(ctx.cfg, url=ctx.services["url"], reference_dir=ctx.dirs["reference"], out=ctx.out)
 
 
@@ -178,6 +182,10 @@ def source_signature(cfg: PipelineConfig) -> list:
     return sig
 
 
+def _golden(cfg: PipelineConfig) -> bool:
+    return cfg.verify_mode()[0] == "golden"
+
+
 def _ort(cfg: PipelineConfig) -> bool:
     return cfg.engine.backend == "onnxruntime"
 
@@ -188,7 +196,7 @@ STAGES: list[Stage] = [
     Stage("source", run_source, keys=("model",), out=lambda c: c.output("source"), reads_source=True,
           extra=source_signature),
     Stage("reference", run_reference, keys=("verify.prompts", "verify.max_tokens", "verify.reference_dtype"),
-          upstream=("source",), out=lambda c: c.output("reference"), reads_source=True),
+          upstream=("source",), out=lambda c: c.output("reference"), reads_source=True, applies=_golden),
     Stage("convert", run_convert, keys=("parallel", "quantization", "dtype"), upstream=("source",),
           out=lambda c: c.output("trtllm_ckpt"), reads_source=True),
     Stage("check-shards", run_check_shards, keys=("verify.shards_prompt",), upstream=("source", "convert"),
@@ -200,7 +208,9 @@ STAGES: list[Stage] = [
           upstream=lambda c: ("export-onnx",) if _ort(c) else ("convert",), out=lambda c: c.output("engines")),
     Stage("package", run_package, keys=("triton",), upstream=("source", "build"), out=lambda c: c.output("triton_repo")),
     Stage("deploy", run_deploy, keys=("server",), upstream=("package",), cached=False),
-    Stage("verify", run_verify, keys=("verify.prompts", "verify.max_tokens", "verify.tolerances"),
-          upstream=("reference", "deploy"), out=lambda c: c.output("reports") / "verify"),
+    Stage("verify", run_verify, keys=lambda c: ("verify.prompts", "verify.max_tokens", "verify.tolerances")
+          + (() if _golden(c) else ("verify.mode", "verify.reference_dtype")),
+          upstream=lambda c: ("reference", "deploy") if _golden(c) else ("source", "deploy"),
+          out=lambda c: c.output("reports") / "verify", extra=lambda c: c.verify_mode()[0]),
     Stage("bench", run_bench, upstream=("deploy",), out=lambda c: c.output("reports") / "bench", optional=True),
 ]

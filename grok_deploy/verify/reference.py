@@ -28,7 +28,9 @@ def run_reference(source, out, prompts: list[str], max_tokens: int, dtype: str =
 
     ckpt = open_checkpoint(source, preset=preset)
     tok = load_tokenizer(ckpt.tokenizer_path)
-    ids = [tok.encode(p) for p in prompts]
+    from grok_deploy.verify.score import fit_context
+
+    ids = [fit_context(tok.encode(p), ckpt.config.sequence_len, f"verify.prompts.{i}") for i, p in enumerate(prompts)]
     for text, p in zip(prompts, ids):
         if not p:
             raise UserError(f"verify.prompts: {text!r} encodes to no tokens; remove it")
@@ -108,10 +110,14 @@ def cli_generate(args) -> int:
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise UserError("--prompt encodes to no tokens; give a non-empty prompt")
-    room = ckpt.config.sequence_len - len(prompt_ids)
-    if args.max_tokens > room:
-        raise UserError(f"--max-tokens {args.max_tokens}: the prompt's {len(prompt_ids)} tokens leave room for "
-                        f"{max(room, 0)} in {ckpt.config.name}'s {ckpt.config.sequence_len} positions; ask for at most that")
+    from grok_deploy.verify.score import fit_context
+
+    context = ckpt.config.sequence_len
+    if args.max_tokens >= context:
+        raise UserError(f"--max-tokens {args.max_tokens}: {ckpt.config.name} has {context} positions, which must "
+                        f"hold the prompt and the new tokens; ask for at most {context - 1}")
+    # left-truncated as the original does, keeping room for the new tokens
+    prompt_ids = fit_context(prompt_ids, context - args.max_tokens, f"--prompt (with room for {args.max_tokens} new tokens)")
     model = load_model(ckpt, args.dtype)
     torch.manual_seed(args.seed)
     res = generate(model, [prompt_ids], args.max_tokens, args.temperature, args.top_p, args.seed,

@@ -52,9 +52,15 @@ def test_h100_plan_weights_match_the_checkpoint_arithmetic_and_fit(tmp_path, cap
     # attention + 2 of 8 expert slices + router/norms per layer, x64, + lm_head shard: about 10.6 GB
     assert 10.0e9 < roof["active_weight_bytes_per_token"] < 11.0e9
     assert {s["name"]: s["status"] for s in doc["stages"]} == {
-        "source": "would run", "reference": "would run", "convert": "would run", "check-shards": "not applicable",
+        "source": "would run", "reference": "not applicable", "convert": "would run", "check-shards": "would run",
         "export-onnx": "not applicable", "build": "would run", "package": "would run", "deploy": "would run",
         "verify": "would run", "bench": "not selected"}
+    # verify.mode auto: the 314B in-RAM reference does not fit a host, so the streamed scorer runs
+    v = doc["verify"]
+    assert v["mode"] == "score" and v["why"].startswith("auto: the in-RAM reference needs ~")
+    assert v["prompts"] == 8 and v["max_tokens"] == 32 and v["peak_bytes"] < 4e9
+    assert v["bytes_per_layer"] == 8 * 3 * 6144 * 32768 + 2 * 6144 * 6144 + 2 * 6144 * 1024 + 8 * 6144 * 4
+    assert v["seconds"] == pytest.approx(64 * v["seconds_per_layer"], rel=0.05)
 
 
 def test_h100_plan_commands(tmp_path, capsys):
@@ -139,6 +145,18 @@ def test_tiny_plan_text_and_cached_stages(tmp_path, capsys):
     assert f"check-shards {tmp_path / 'export/trtllm_ckpt'} --source {tmp_path / 'export/source'}" in out
     assert "export-onnx" in out and f"export-onnx {tmp_path / 'export/source'} {tmp_path / 'export/onnx'} --quant none" in out and "mpirun" not in out
     assert f"tritonserver --model-repository={tmp_path / 'triton_repo'}" in out
+    assert "verify: mode golden (auto: the in-RAM reference needs ~" in out
+
+
+def test_verify_mode_score_drops_the_reference_stage(tmp_path, capsys):
+    f = tmp_path / "pipeline.yaml"
+    f.write_text((ROOT / "pipeline.yaml").read_text().replace("  max_tokens: 16\n", "  max_tokens: 16\n  mode: score\n"))
+    cfg = load_pipeline(f)
+    assert cfg.verify_mode() == ("score", "verify.mode: score")
+    assert main(["plan", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "reference     not applicable" in out and "verify: mode score (verify.mode: score)" in out
+    assert "GB read per layer" in out
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,5 @@
-"""check-shards: the rank files run by one gloo process per rank, against the reference."""
+"""check-shards, layer-streamed: rank files audited against the source, the sharded run (one gloo
+process per rank) against the reference on the same effective weights, quantisation reported."""
 from __future__ import annotations
 
 import json
@@ -8,70 +9,122 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from grok_deploy.cli import main
-from grok_deploy.trtllm.check_shards import EXACT_ATOL, check_shards
+from grok_deploy.model.config import GrokConfig
+from grok_deploy.trtllm.check_shards import check_shards
 from grok_deploy.trtllm.convert import convert
 
 PROMPT = "The answer to life the universe and everything is of course"
 CASES = {  # id: convert arguments
     "tp1": dict(tp=1, dtype="float32"),               # requantised dense and proj
     "tp2": dict(tp=2),                                # bfloat16, requantised
-    "tp4": dict(tp=4),
     "tp8": dict(tp=8, dtype="float32"),               # the release's int8 kept: exact weights
     "moe_ep2": dict(tp=2, moe_ep=2, dtype="float32"),
     "pp2": dict(tp=2, pp=2),
     "none": dict(tp=2, quant="none", dtype="float32"),  # dequantised float32: exact weights
 }
+EIGHT_LAYERS = GrokConfig.from_name("grok-1-tiny", num_layers=8)
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_ckpt, tmp_path_factory):
+def ckpt8(tmp_path_factory):
+    """grok-1-tiny with 8 layers (layer 7 exists; the check stays quick)."""
+    from grok_deploy.checkpoint.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ckpt8") / "tiny8", EIGHT_LAYERS, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def converted(ckpt8, tmp_path_factory):
     cache = {}
 
     def get(case):
         if case not in cache:
             cache[case] = tmp_path_factory.mktemp("trt") / case
-            convert(tiny_ckpt, cache[case], progress=False, workers=1, **CASES[case])
+            convert(ckpt8, cache[case], progress=False, workers=1, preset=EIGHT_LAYERS, **CASES[case])
         return cache[case]
     return get
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("case", list(CASES))
-def test_check_shards_passes(tiny_ckpt, converted, case):
-    res = check_shards(converted(case), tiny_ckpt, PROMPT, max_tokens=4, timeout=100)
+def test_check_shards_passes(ckpt8, converted, case):
+    res = check_shards(converted(case), ckpt8, PROMPT, timeout=150, preset=EIGHT_LAYERS)
     args = CASES[case]
     assert res["world_size"] == args["tp"] * args.get("pp", 1)
-    assert res["ok"] and res["tokens_match"] and res["tensor_mismatches"] == []
-    assert res["sharded_ids"] == res["reference_ids"] and len(res["sharded_ids"]) == 4
-    assert res["max_abs_logit_diff"] <= res["tolerance"]
-    if case in ("tp8", "none"):
-        assert res["exact_weights"] and res["tolerance"] == EXACT_ATOL
-        assert res["max_abs_logit_diff"] < 1e-3
+    assert res["ok"] and res["tokens_match"] and res["tensor_mismatches"] == [] and res["first_mismatch"] is None
+    assert len(res["layer_diffs"]) == 8 and res["sharded_ids"] == res["effective_ids"]
+    assert res["max_abs_logit_diff"] <= res["tolerance"] < 1e-2  # float32 rounding, not a quantisation allowance
+    q = res["quantization"]
+    if case in ("tp8", "none"):  # the release's codes kept, or dequantised in float32: nothing changed
+        assert q["max_rel_weight_error"] == 0.0 and q["logit_change"] < 1e-3 and q["argmax_same_as_source"]
+    else:
+        assert 0 < q["max_rel_weight_error"] < 0.02 and q["worst_tensors"]
+    assert len(res["stats"]["rank_peak_rss_bytes"]) == res["world_size"]
 
 
-@pytest.mark.timeout(120)
-def test_swapped_experts_fail_naming_the_tensor(tiny_ckpt, converted, tmp_path, capsys):
+@pytest.mark.timeout(180)
+def test_swapped_experts_in_layer_7_of_rank_1_are_named(ckpt8, converted, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(converted("moe_ep2"), bad)
     path = bad / "rank1.safetensors"  # moe_ep rank 1: experts 4..7
     tensors = load_file(str(path))
-    for name in ("transformer.layers.3.mlp.fc.weight", "transformer.layers.3.mlp.fc.per_channel_scale"):
+    for name in ("transformer.layers.7.mlp.fc.weight", "transformer.layers.7.mlp.fc.per_channel_scale"):
         t = tensors[name].clone()
         t[[0, 1]] = t[[1, 0]]
         tensors[name] = t
     save_file(tensors, str(path), metadata={"format": "pt"})
 
-    assert main(["check-shards", str(bad), "--source", str(tiny_ckpt), "--max-tokens", "2", "--json"]) == 1
-    res = json.loads(capsys.readouterr().out)
+    res = check_shards(bad, ckpt8, PROMPT, timeout=150, preset=EIGHT_LAYERS)
     assert res["ok"] is False
     assert [(p["file"], p["tensor"], p.get("experts")) for p in res["tensor_mismatches"]] == [
-        ("rank1.safetensors", "transformer.layers.3.mlp.fc.weight", [4, 5])]
+        ("rank1.safetensors", "transformer.layers.7.mlp.fc.weight", [4, 5])]
+    # the sharding itself is still exact: the rank processes agree with the swapped effective weights
+    assert res["first_mismatch"] is None and res["max_abs_logit_diff"] <= res["tolerance"]
+
+
+@pytest.mark.timeout(180)
+def test_wrong_slice_in_one_rank_is_named_by_layer_and_branch(ckpt8, converted, tmp_path):
+    """A rank process that computes its share wrongly (here: a router that disagrees with the
+    other ranks' copy) shows up as the first layer whose branch output differs."""
+    bad = tmp_path / "bad"
+    shutil.copytree(converted("none"), bad)
+    path = bad / "rank1.safetensors"
+    tensors = load_file(str(path))
+    name = "transformer.layers.5.mlp.router.weight"
+    tensors[name] = tensors[name].flip(0).contiguous()  # experts' rows reversed on rank 1 only
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    res = check_shards(bad, ckpt8, PROMPT, timeout=150, preset=EIGHT_LAYERS)
+    assert not res["ok"]
+    assert [(p["file"], p["tensor"]) for p in res["tensor_mismatches"]] == [("rank1.safetensors", name)]
+    f = res["first_mismatch"]
+    assert (f["layer"], f["branch"], f["files"]) == (5, "moe", ["rank0.safetensors", "rank1.safetensors"])
+    assert "transformer.layers.5.mlp.router.weight" in f["tensors"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_every_seed_passes_w8a16(tmp_path, tp):
+    """Seeds 0-9: the verdict does not depend on luck (it used to fail at seed 3, tp 2)."""
+    from grok_deploy.checkpoint.tiny import make_tiny
+
+    cfg = GrokConfig.from_name("grok-1-tiny", num_layers=2)
+    for seed in range(10):
+        ck = make_tiny(tmp_path / f"s{seed}", cfg, seed=seed, progress=False)
+        out = tmp_path / f"t{seed}"
+        convert(ck, out, tp=tp, quant="w8a16", progress=False, workers=1, preset=cfg)
+        res = check_shards(out, ck, PROMPT, timeout=100, preset=cfg)
+        assert res["ok"], (seed, res["tensor_mismatches"], res["first_mismatch"], res["max_abs_logit_diff"])
+        shutil.rmtree(ck)
+        shutil.rmtree(out)
 
 
 @pytest.mark.timeout(120)
-def test_missing_or_truncated_rank_file_names_it(tiny_ckpt, converted, tmp_path, capsys):
+def test_missing_or_truncated_rank_file_names_it(tiny_ckpt, tmp_path, capsys):
+    good = tmp_path / "good"
+    convert(tiny_ckpt, good, tp=2, progress=False, workers=1)
+    capsys.readouterr()
     bad = tmp_path / "bad"
-    shutil.copytree(converted("tp2"), bad)
+    shutil.copytree(good, bad)
     path = bad / "rank1.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     assert main(["check-shards", str(bad), "--source", str(tiny_ckpt)]) == 2
@@ -82,6 +135,9 @@ def test_missing_or_truncated_rank_file_names_it(tiny_ckpt, converted, tmp_path,
     assert "rank1.safetensors: rank file is missing" in capsys.readouterr().err
     assert main(["check-shards", str(tmp_path), "--source", str(tiny_ckpt)]) == 2
     assert "config.json: missing or not a TensorRT-LLM checkpoint config" in capsys.readouterr().err
+    assert main(["check-shards", str(good), "--source", str(tiny_ckpt), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ok"] and res["world_size"] == 2 and "quantization" in res
 
 
 def test_layout_audit_names_each_tensor():

@@ -96,15 +96,18 @@ def swap_experts(src, dst, layer: int, a: int, b: int):
     return dst
 
 
-def run_verify(tmp_path, ckpt, golden, engine_dir):
+def run_verify(tmp_path, ckpt, golden, engine_dir, mode="golden"):
     from grok_deploy.verify.compare import verify
 
     cfg, repo = make_repo(tmp_path / "served", ckpt, engine_kind="torch", engine_dir=engine_dir,
                           extra="quantization: none\n")
+    if mode == "score":
+        cfg.verify.prompts, cfg.verify.max_tokens = list(PROMPTS), 8
     server = start_server(cfg, repo)
     lines = []
     try:
-        res = verify(cfg, server.grpc_url, golden, tmp_path / "reports" / "verify", echo=lines.append)
+        res = verify(cfg, server.grpc_url, golden, tmp_path / "reports" / "verify", echo=lines.append,
+                     source=ckpt, mode=mode)
     finally:
         server.stop()
     return res, lines
@@ -138,6 +141,38 @@ def test_verify_fails_on_swapped_experts_naming_the_divergence(tmp_path, tiny_ck
     md = (tmp_path / "reports" / "verify.md").read_text()
     assert md.startswith("# Verification: FAILED") and f"token {pos} differs" in md and "expected:" in md
     assert lines[-1].startswith("verification FAILED")
+
+
+@pytest.mark.server
+@pytest.mark.timeout(240)
+def test_verify_score_mode_passes_on_the_true_engine_and_agrees_with_golden(tmp_path, tiny_ckpt, golden):
+    """verify.mode score: the server generates, the streamed reference scores; same verdict and
+    the same reference logits as the golden run."""
+    from grok_deploy.verify.reference import load_golden
+
+    res, lines = run_verify(tmp_path, tiny_ckpt, None, tiny_ckpt, mode="score")
+    assert res["passed"] and res["mode"] == "score" and "checked at every position" in res["rule"]
+    doc = json.loads((tmp_path / "reports" / "verify.json").read_text())
+    gold = load_golden(golden)[0]["prompts"]
+    assert doc["mode"] == "score" and doc["scoring"]["tokens"] > 0
+    for p, g in zip(doc["prompts"], gold):
+        assert p["expected_ids"] == g["output_ids"] == p["served_ids"] and p["served_rank"] == [0] * 8
+        assert p["bad_positions"] == [] and max(p["logit_diff"]) < 1e-3 and all(p["text_ok"].values())
+    assert lines[-1].startswith("verification PASSED")
+
+
+def test_trtllm_rule_allows_for_the_erf_gelu_and_says_why():
+    from types import SimpleNamespace
+
+    from grok_deploy.verify.compare import rule_for
+
+    tol = Tolerances(logit_tol=1e-3, int8_logit_tol=0.5, int8_tie_margin=0.5)
+    trt = SimpleNamespace(engine=SimpleNamespace(backend="trtllm", onnx_quant="none"), quantization="none")
+    ties, limit, rule = rule_for(trt, tol)
+    assert ties and limit == 0.5 and rule.startswith("trtllm engine: tokens agree except at a reference near-tie")
+    assert "expert GELU with erf where Grok-1 uses the tanh approximation (up to 4.7e-4 per activation), in bf16" in rule
+    ort = SimpleNamespace(engine=SimpleNamespace(backend="onnxruntime", onnx_quant="none"), quantization="w8a16")
+    assert rule_for(ort, tol) == (False, 1e-3, "float engine: identical greedy tokens, logits within 0.001")
 
 
 def test_streamed_ensemble_text_rule():
