@@ -20,6 +20,7 @@ HANDLERS = {
     "generate": ("grok_deploy.verify.reference", "cli_generate"),
     "convert": ("grok_deploy.trtllm.convert", "cli_convert"),
     "check-shards": ("grok_deploy.trtllm.check_shards", "cli_check_shards"),
+    "preprocess": ("grok_deploy.trtllm.build", "cli_preprocess"),
     "export-onnx": ("grok_deploy.onnx.export", "cli_export_onnx"),
     "plan": ("grok_deploy.pipeline.plan", "cli_plan"),
     "run": ("grok_deploy.pipeline.runner", "cli_run"),
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="The answer to life the universe and everything is of course")
     s.add_argument("--max-tokens", type=int, default=8)
     s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("preprocess", help="GPU host: pass a converted checkpoint's int8 weights through TensorRT-LLM's "
+                       "mixed-GEMM preprocessing, for trtllm-build --checkpoint_dir OUT")
+    s.add_argument("trtllm_dir")
+    s.add_argument("out")
 
     s = sub.add_parser("export-onnx", help="export an ONNX decoder with a KV cache")
     s.add_argument("ckpt")

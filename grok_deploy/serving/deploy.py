@@ -105,18 +105,25 @@ def server_args(repo, address: str, grpc_port: int, http_port: int, metrics_port
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
 
 
+# ranks > 0 on other nodes: no endpoints at all (only rank 0 serves; triton-serving.md §9)
+FOLLOWER_FLAGS = ("--model-control-mode=explicit", "--load-model=tensorrt_llm")
+REMOTE_FOLLOWER_FLAGS = ("--allow-http=false", "--allow-grpc=false", "--allow-metrics=false")
+
+
 def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_port: int = 8001,
                    http_port: int = 8000, metrics_port: int = 8002, binary: str = "tritonserver",
-                   extra: tuple = ()) -> list[str]:
+                   extra: tuple = (), hostfile=None) -> list[str]:
     """Leader mode (triton-serving.md §9): one mpirun app context per rank, the same ports on every
-    rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves."""
-    cmd = ["mpirun", "--allow-run-as-root"]
+    rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves. With an MPI `hostfile`
+    (multi-node) the followers also open no HTTP/gRPC/metrics endpoint."""
+    from grok_deploy.trtllm.mpi import mpirun_argv
+
+    contexts = []
     for rank in range(world_size):
-        if rank:
-            cmd.append(":")
-        cmd += ["-n", "1", str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"prefix{rank}_"),
-                *(["--model-control-mode=explicit", "--load-model=tensorrt_llm"] if rank else []), *extra]
-    return cmd
+        follower = (*FOLLOWER_FLAGS, *(REMOTE_FOLLOWER_FLAGS if hostfile else ())) if rank else ()
+        contexts.append([str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"prefix{rank}_"),
+                         *follower, *extra])
+    return mpirun_argv(contexts, hostfile)
 
 
 def _die_with_parent() -> None:
@@ -151,6 +158,8 @@ class TritonServer:
         self.timeout = startup_timeout_s or (s.startup_timeout_s if s else 300.0)
         trt = cfg is not None and cfg.engine.backend == "trtllm"
         self.world_size = world_size or (cfg.world_size if trt else 1)
+        hw = cfg.hardware if trt else None
+        self.hostfile = cfg.resolve(hw.hostfile) if hw is not None and hw.nodes > 1 and hw.hostfile else None
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
@@ -193,9 +202,12 @@ class TritonServer:
         if self.world_size > 1:
             if not shutil.which("mpirun"):
                 raise UserError(f"world size {self.world_size} needs mpirun on PATH (leader mode)")
+            if self.hostfile is not None and not self.hostfile.is_file():
+                raise UserError(f"{self.hostfile}: the MPI hostfile (hardware.hostfile) does not exist; write one "
+                                f"`host slots=N` line per node")
             extra = (f"--backend-directory={found.backend_dir}",) if found.backend_dir else ()
             return mpirun_command(self.repo, self.world_size, address=self.address, grpc_port=g, http_port=h,
-                                  metrics_port=m, binary=str(found.path), extra=extra)
+                                  metrics_port=m, binary=str(found.path), extra=extra, hostfile=self.hostfile)
         cmd = [str(found.path), *server_args(self.repo, self.address, g, h, m, f"grokdeploy{os.getpid()}_{g}_"),
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         return cmd + ([f"--backend-directory={found.backend_dir}"] if found.backend_dir else [])

@@ -219,7 +219,7 @@ def _rank_main(index: int, job: dict) -> None:
 
     torch.set_num_threads(1)
     m, rank, world = Mapping.from_dict(job["mapping"]), index, job["world"]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"tcp://{job.get('master_addr', '127.0.0.1')}:{job['port']}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=job["timeout"]))
     try:
         groups = [dist.new_group(list(range(p * m.tp, (p + 1) * m.tp))) for p in range(m.pp)]
@@ -283,9 +283,10 @@ def _spawn(job: dict, world: int, timeout: float) -> None:
 # --- the stage -------------------------------------------------------------------------------------------
 
 def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: float = 300.0,
-                 preset: str | None = None) -> dict:
+                 preset: str | None = None, launch=None) -> dict:
     """Run the rank files of `trtllm_dir` (one process each) and compare with the reference run on
-    `source`. Returns the result; result["ok"] is False on any mismatch."""
+    `source`. Returns the result; result["ok"] is False on any mismatch. `launch(job, world,
+    timeout)` starts the ranks (default: local processes; trtllm.mpi.mpirun_launcher: mpirun)."""
     from grok_deploy.checkpoint import open_checkpoint
     from grok_deploy.model.generate import generate, load_model
     from grok_deploy.model.tokenizer import load_tokenizer
@@ -321,7 +322,7 @@ def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: 
                "dtype": dtype, "requantized": requant, "config": config, "prompt_ids": prompt_ids,
                "max_tokens": max_tokens, "results": results}
         t0 = time.perf_counter()
-        _spawn(job, m.world, timeout)
+        (launch or _spawn)(job, m.world, timeout)
         ranks = [json.loads((Path(results) / f"rank{r}.json").read_text()) for r in range(m.world)]
         logits = np.load(Path(results) / "logits.npy")
     ids = next(r["tokens"] for r in ranks if "tokens" in r)
