@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("pipeline", nargs="?", default="pipeline.yaml")
         if name == "plan":
             s.add_argument("--json", action="store_true")
+            s.add_argument("--k8s", default=None, metavar="FILE", help="trtllm: also write the Kubernetes manifest "
+                           "(a LeaderWorkerSet over hardware.nodes nodes and a Service on the leader)")
+            s.add_argument("--image", default=None, help="container image of the --k8s pods")
         if name == "run":
             s.add_argument("--stages", default=None, help="comma-separated stage names")
             s.add_argument("--force", action="store_true")

@@ -246,7 +246,17 @@ def render(doc: dict, cfg: PipelineConfig) -> str:
 def cli_plan(args) -> int:
     cfg = load_pipeline(args.pipeline)
     doc = plan_doc(cfg)
+    if getattr(args, "k8s", None):
+        if cfg.engine.backend != "trtllm":
+            raise UserError(f"--k8s: {cfg.where('engine.backend')} is {cfg.engine.backend}; the multi-node manifest is for trtllm")
+        from grok_deploy.serving.k8s import DEFAULT_IMAGE, write_manifests
+
+        write_manifests(cfg, args.k8s, image=args.image or DEFAULT_IMAGE)
+        doc["kubernetes_manifest"] = str(args.k8s)
     print(json.dumps(doc, indent=1) if args.json else render(doc, cfg))
+    if doc.get("kubernetes_manifest") and not args.json:
+        print(f"wrote {doc['kubernetes_manifest']}: LeaderWorkerSet of {cfg.hardware.nodes} pods x "
+              f"{cfg.world_size // cfg.hardware.nodes} GPUs and a Service on the leader")
     if cfg.engine.backend == "trtllm" and not doc["fits"]:
         raise UserError(doc["verdict"])
     return 0

@@ -122,7 +122,7 @@ class Outputs(_Section):
     source: str = "export/source"
     reference: str = "export/reference"
     trtllm_ckpt: str = "export/trtllm_ckpt"
-    trtllm_preprocessed: str = "export/trtllm_ckpt_preprocessed"  # `grok-deploy preprocess` output (GPU host)
+    trtllm_preprocessed: str | None = None  # `grok-deploy preprocess` output; default: trtllm_ckpt + _preprocessed
     onnx: str = "export/onnx"
     engines: str = "engines"         # engines/<backend>
     triton_repo: str = "triton_repo"
@@ -168,6 +168,9 @@ class PipelineConfig(_Section):
 
     def output(self, name: str) -> Path:
         """Folder of an `outputs:` entry; `engines` is per backend (engines/onnxruntime...)."""
+        if name == "trtllm_preprocessed" and self.outputs.trtllm_preprocessed is None:
+            ckpt = self.output("trtllm_ckpt")
+            return ckpt.with_name(ckpt.name + "_preprocessed")
         out = self.resolve(getattr(self.outputs, name))
         return out / self.engine.backend if name == "engines" else out
 
