@@ -55,7 +55,8 @@ def _pod(cfg, image: str, role: str, command: list[str], volume_claim: str, ssh_
                          {"name": "ssh", "mountPath": "/root/.ssh", "readOnly": True}],
     }
     if role == "leader":
-        container["ports"] = [{"name": "grpc", "containerPort": s.grpc_port}, {"name": "http", "containerPort": s.http_port},
+        container["ports"] = [{"name": "grpc", "containerPort": s.grpc_port},
+                              {"name": "http", "containerPort": s.http_port},
                               {"name": "metrics", "containerPort": s.metrics_port}]
         # ready = Triton's gRPC health service says SERVING: every model loaded on every rank
         container["readinessProbe"] = {"grpc": {"port": s.grpc_port}, "periodSeconds": 10, "failureThreshold": 3}
@@ -87,7 +88,8 @@ def manifests(cfg, image: str = DEFAULT_IMAGE, name: str = "grok-1", volume_clai
             "leaderWorkerTemplate": {
                 "size": cfg.hardware.nodes,
                 "restartPolicy": "RecreateGroupOnPodRestart",  # under mpirun the death of any rank ends the job
-                "leaderTemplate": _pod(cfg, image, "leader", ["sh", "-c", leader_script(cfg)], volume_claim, ssh_secret),
+                "leaderTemplate": _pod(cfg, image, "leader", ["sh", "-c", leader_script(cfg)], volume_claim,
+                                       ssh_secret),
                 "workerTemplate": _pod(cfg, image, "worker", ["/usr/sbin/sshd", "-D", "-e"], volume_claim, ssh_secret),
             },
         },

@@ -253,7 +253,8 @@ def preprocess(src, out) -> dict:
 def cli_preprocess(args) -> int:
     doc = preprocess(args.trtllm_dir, args.out)
     print(f"wrote {args.out}: {doc['tensors']} tensors, int8 weights preprocessed by TensorRT-LLM "
-          f"{doc['tensorrt_llm_version']} for {doc['gpu'] or 'this GPU'}; next: trtllm-build --checkpoint_dir {args.out}")
+          f"{doc['tensorrt_llm_version']} for {doc['gpu'] or 'this GPU'}; next: trtllm-build --checkpoint_dir "
+          f"{args.out}")
     return 0
 
 

@@ -36,7 +36,8 @@ def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
-        raise UserError(f"{path}: cannot read the MPI hostfile ({e.strerror}); write one `host slots=N` line per node") from None
+        raise UserError(f"{path}: cannot read the MPI hostfile ({e.strerror}); write one `host slots=N` line "
+                        "per node") from None
     hosts = []
     for n, line in enumerate(lines, 1):
         words = line.split("#", 1)[0].split()
@@ -70,7 +71,8 @@ def mpirun_launcher(hostfile: str | Path, mpirun: str = "mpirun", extra: tuple[s
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"check-shards under mpirun did not finish within {timeout:.0f} s: {shlex.join(argv)}") from None
+            raise RuntimeError(f"check-shards under mpirun did not finish within {timeout:.0f} s: "
+                               f"{shlex.join(argv)}") from None
         if proc.returncode:
             tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
             raise RuntimeError(f"mpirun exited {proc.returncode}: {shlex.join(argv)}: {tail}")
