@@ -5,7 +5,12 @@ On the GPU host, every int8 weight goes through TensorRT-LLM's own
 `torch.ops.trtllm.preprocess_weights_for_mixed_gemm` (its layout depends on the GPU architecture
 and the TensorRT-LLM version, so it is never reimplemented here), then `trtllm-build` builds the
 engines with the plugin options of pipeline.yaml (trtllm-checkpoint.md §5, §8).
-Without `tensorrt_llm`: a UserError with the exact command this stage would run.
+`grok-deploy preprocess` is the first step as its own command, so that the commands `plan` prints
+can be run by hand (trtllm-build then reads its output, never the raw int8 checkpoint).
+Before anything is built, the installed TensorRT-LLM is checked against the known-good range and
+the checkpoint's sizes against what that version builds (compat.py); the version-dependent flags
+follow the detected version. Without `tensorrt_llm`: a UserError with the exact command this
+stage would run.
 """
 from __future__ import annotations
 
