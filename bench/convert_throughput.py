@@ -97,9 +97,13 @@ def _sha256_speed() -> float:
     return 4 * len(buf) / (time.perf_counter() - t0)
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
-    """Run cmd; (seconds, peak summed RSS, peak single-process RSS, stdout)."""
+def run_measured(cmd: list[str]) -> tuple[float, int, int, str, float]:
+    """Run cmd; (seconds, peak summed RSS, peak single-process RSS, stdout, CPU seconds: user + sys
+    of the process tree, which a shared host's load does not inflate the way it does wall time)."""
+    import resource
+
     peak = [0, 0]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     done = threading.Event()
@@ -117,7 +121,9 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
     th.join()
     if proc.returncode:
         raise SystemExit(f"{cmd[0]} failed with exit {proc.returncode}")
-    return seconds, peak[0], peak[1], out
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+    return seconds, peak[0], peak[1], out, cpu
 
 
 RUNS = (("cp -r", None), ("convert tp 8 W8A16", 8), ("convert tp 4 requant", 4))
@@ -126,7 +132,8 @@ RUNS = (("cp -r", None), ("convert tp 8 W8A16", 8), ("convert tp 4 requant", 4))
 def measure(work: Path, repeat: int, workers: int | None) -> dict:
     """Alternate cp and the conversions (the disk and page cache of a shared VM are noisy);
     per label: seconds, seconds until synced to disk, peak RSS (sum, max), last manifest."""
-    res = {label: {"secs": [], "synced": [], "rss_sum": 0, "rss_max": 0, "manifest": None} for label, _ in RUNS}
+    res = {label: {"secs": [], "synced": [], "cpu": [], "rss_sum": 0, "rss_max": 0, "manifest": None}
+           for label, _ in RUNS}
     for rep in range(repeat):
         for label, tp in RUNS:
             if tp == 4 and rep:
@@ -138,11 +145,12 @@ def measure(work: Path, repeat: int, workers: int | None) -> dict:
                 job = {"cfg": CFG, "src": str(work / "src"), "out": str(dest), "tp": tp, "workers": workers}
                 cmd = [sys.executable, "-c", CHILD, json.dumps(job)]
             os.sync()  # start without the previous run's dirty pages
-            secs, rss_sum, rss_max, out = run_measured(cmd)
+            secs, rss_sum, rss_max, out, cpu = run_measured(cmd)
             t0 = time.perf_counter()
             os.sync()
             r = res[label]
             r["secs"].append(secs)
+            r["cpu"].append(cpu)
             r["synced"].append(secs + time.perf_counter() - t0)
             r["rss_sum"], r["rss_max"] = max(r["rss_sum"], rss_sum), max(r["rss_max"], rss_max)
             if tp is not None:
@@ -155,14 +163,15 @@ def report(res: dict, size: int) -> bool:
     gb = 1e9
     med = {k: statistics.median(r["secs"]) for k, r in res.items()}
     synced = {k: statistics.median(r["synced"]) for k, r in res.items()}
+    cpu = {k: statistics.median(r["cpu"]) for k, r in res.items()}
     cp, cp_sync = med["cp -r"], synced["cp -r"]
     print(f"\n{'median of runs':22} {'seconds':>8} {'x cp':>6} {'GB/s':>6} {'+sync s':>8} {'x cp':>6} "
-          f"{'RSS max':>8} {'RSS sum':>8} {'64 layers':>10}")
+          f"{'CPU s':>6} {'RSS max':>8} {'RSS sum':>8} {'64 layers':>10}")
     for label, r in res.items():
         mem = f"{r['rss_max'] / gb:7.2f}G {r['rss_sum'] / gb:7.2f}G" if r["manifest"] else " " * 17
         runs = ", ".join(f"{t:.1f}" for t in r["secs"])
         print(f"{label:22} {med[label]:8.1f} {med[label] / cp:6.2f} {size / med[label] / gb:6.2f} "
-              f"{synced[label]:8.1f} {synced[label] / cp_sync:6.2f} {mem} {64 * med[label] / 60:8.1f}min"
+              f"{synced[label]:8.1f} {synced[label] / cp_sync:6.2f} {cpu[label]:6.1f} {mem} {64 * med[label] / 60:8.1f}min"
               f"   runs: {runs}")
     tp8 = res["convert tp 8 W8A16"]
     workers = tp8["manifest"]["workers"]
@@ -199,7 +208,10 @@ def main() -> int:
         t0 = time.perf_counter()
         size = make_layer(work / "src")
         print(f"one Grok-1 layer, official format: {size / 1e9:.2f} GB written in {time.perf_counter() - t0:.1f} s")
+        load0 = os.getloadavg()[0]
         ok = report(measure(work, args.repeat, args.workers), size)
+        print(f"{os.cpu_count()} cores; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+              "(a shared host: wall times move with the load, CPU seconds much less)")
         return 0 if ok or not args.enforce else 1
     finally:
         if not args.keep:

@@ -23,6 +23,7 @@ HANDLERS = {
     "generate": ("grok_deploy.verify.reference", "cli_generate"),
     "convert": ("grok_deploy.trtllm.convert", "cli_convert"),
     "check-shards": ("grok_deploy.trtllm.check_shards", "cli_check_shards"),
+    "preprocess": ("grok_deploy.trtllm.build", "cli_preprocess"),
     "export-onnx": ("grok_deploy.onnx.export", "cli_export_onnx"),
     "plan": ("grok_deploy.pipeline.plan", "cli_plan"),
     "run": ("grok_deploy.pipeline.runner", "cli_run"),
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=8)
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("preprocess", help="GPU host: pass a converted checkpoint's int8 weights through TensorRT-LLM's "
+                       "mixed-GEMM preprocessing, for trtllm-build --checkpoint_dir OUT")
+    s.add_argument("trtllm_dir")
+    s.add_argument("out")
+
     s = sub.add_parser("export-onnx", help="export an ONNX decoder with a KV cache")
     s.add_argument("ckpt")
     s.add_argument("out")
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("pipeline", nargs="?", default="pipeline.yaml")
         if name == "plan":
             s.add_argument("--json", action="store_true")
+            s.add_argument("--k8s", default=None, metavar="FILE", help="trtllm: also write the Kubernetes manifest "
+                           "(a LeaderWorkerSet over hardware.nodes nodes and a Service on the leader)")
+            s.add_argument("--image", default=None, help="container image of the --k8s pods")
         if name == "run":
             s.add_argument("--stages", default=None, help="comma-separated stage names")
             s.add_argument("--force", action="store_true")

@@ -1,4 +1,8 @@
-"""Model configuration: one typed dataclass and a table of named presets."""
+"""Model configuration: one typed dataclass and a table of named presets.
+
+grok-1-tiny and grok-1-bench are for the CPU checks (head size 16 and 64, widths TensorRT-LLM
+pads from 0.14); grok-1-smoke is the small one TensorRT-LLM builds (trtllm/compat.py).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -121,6 +125,12 @@ PRESETS: dict[str, GrokConfig] = {
                    num_kv_heads=8, num_layers=12, widening_factor=2, sequence_len=1024),
         GrokConfig("grok-1-bench", vocab_size=4096, emb_size=1024, key_size=64, num_q_heads=16,
                    num_kv_heads=8, num_layers=8, widening_factor=8, sequence_len=2048),
+        # the GPU smoke test of the whole TensorRT-LLM path, built and served in minutes: head size
+        # 128 (the soft-capped kernels take 128 or 256), every weight-only width (hidden 512, qkv
+        # 4096, dense in 2048, ffn 1024) a multiple of 64 x 8, so no TensorRT-LLM version pads it
+        # at any tp up to 8; 4 layers, 8 experts top-2 (trtllm/compat.py)
+        GrokConfig("grok-1-smoke", vocab_size=1024, emb_size=512, key_size=128, num_q_heads=16,
+                   num_kv_heads=8, num_layers=4, widening_factor=3, sequence_len=2048),
     )
 }
 DEFAULT_PRESET = "grok-1-tiny"

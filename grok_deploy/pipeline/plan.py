@@ -16,7 +16,9 @@ from grok_deploy.manifest import replace_problem
 from grok_deploy.model.config import GrokConfig
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
 from grok_deploy.serving.deploy import exposed
+from grok_deploy.trtllm import compat
 from grok_deploy.trtllm.build import trtllm_build_args
+from grok_deploy.trtllm.mpi import mpirun_argv
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GB = 1e9
@@ -78,14 +80,18 @@ def memory_estimate(cfg: PipelineConfig) -> dict:
     total = w["total"] + kv + headroom
     fits = total <= gpu
     label = "w8a16" if cfg.quantization == "w8a16" else f"{cfg.dtype} (no quantization)"
+    if hw.nodes > 1:
+        label += f" on {hw.nodes} nodes x {cfg.world_size // hw.nodes} GPUs"
     detail = (f"weights {w['total'] / GB:.1f} GB + KV cache {kv / GB:.1f} GB ({e.max_batch_size} x {e.max_seq_len} "
               f"tokens x {kv_tok / 1024:.1f} KiB) + headroom {headroom / GB:.1f} GB = {total / GB:.1f} GB")
     room = max(gpu - w["total"] - headroom, 0)
     if fits:
         verdict = f"{label} fits: {detail} <= {gpu / GB:.0f} GB per GPU"
     else:
+        more = (f"more ranks: parallel.pp {2 * cfg.parallel.pp} halves the layers per GPU (over hardware.nodes "
+                f"{-(-2 * cfg.world_size // hw.gpus_per_node)} x {hw.gpus_per_node} GPUs, with hardware.hostfile)")
         hint = (f"lower engine.max_batch_size or engine.max_seq_len (room for {room // kv_tok} tokens of KV cache)"
-                if room else "the weights alone do not fit: use quantization: w8a16 or more ranks")
+                if room else f"the weights alone do not fit: use {'quantization: w8a16 or ' if cfg.quantization != 'w8a16' else ''}{more}")
         verdict = (f"{label} does not fit with the KV cache asked for at tp {cfg.parallel.tp} x pp {cfg.parallel.pp}: "
                    f"{detail} per GPU, more than hardware.gpu_memory_gb {hw.gpu_memory_gb:g} GB "
                    f"({cfg.at('hardware.gpu_memory_gb')}); {hint}")
@@ -104,26 +110,37 @@ def roofline(cfg: PipelineConfig) -> dict:
 
 # --- external commands ----------------------------------------------------------------------
 
+def flags_version(cfg: PipelineConfig) -> tuple[str, str]:
+    """(TensorRT-LLM version the printed trtllm-build flags are written for, where it comes from)."""
+    if cfg.engine.trtllm_version != "auto":
+        return cfg.engine.trtllm_version, "engine.trtllm_version"
+    found = compat.installed_version()
+    return (found, "installed here") if found else (compat.ASSUMED, "assumed: no TensorRT-LLM installed here")
+
+
 def tritonserver_argv(cfg: PipelineConfig) -> list[str]:
-    """The server launch; TensorRT-LLM: one mpirun app context per rank, leader mode (triton-serving.md §9)."""
-    s = cfg.server
+    """The server launch; TensorRT-LLM: one mpirun app context per rank, leader mode (triton-serving.md §9);
+    over several nodes with hardware.hostfile, the followers open no endpoints."""
+    s, hw = cfg.server, cfg.hardware
     binary = "tritonserver" if s.binary == "auto" else str(cfg.resolve(s.binary))
     common = [f"--model-repository={cfg.output('triton_repo')}", f"--grpc-port={s.grpc_port}",
               f"--http-port={s.http_port}", f"--metrics-port={s.metrics_port}", f"--grpc-address={s.address}",
               f"--http-address={s.address}", f"--metrics-address={s.address}", "--disable-auto-complete-config"]
     if cfg.engine.backend != "trtllm":
         return [binary, *common]
-    argv = ["mpirun", "--allow-run-as-root"]
+    multi = hw.nodes > 1
+    contexts = []
     for rank in range(cfg.world_size):
-        argv += ([":"] if rank else []) + ["-n", "1", binary, *common,
-                                           f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
+        ctx = [binary, *common, f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
         if rank:
-            argv += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
-    return argv
+            ctx += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
+            ctx += ["--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"] if multi else []
+        contexts.append(ctx)
+    return mpirun_argv(contexts, cfg.resolve(hw.hostfile) if multi else None)
 
 
 def commands(cfg: PipelineConfig) -> list[dict]:
-    """The commands each stage amounts to, runnable by hand: {"stage", "argv", "command"}."""
+    """The commands each stage amounts to, runnable by hand in this order: {"stage", "argv", "command"}."""
     src, p, m = cfg.model.source, cfg.parallel, cfg.model.preset
     ckpt = cfg.output("source") if src.format == "synthetic" else cfg.resolve(src.path)
     trt = cfg.output("trtllm_ckpt")
@@ -136,19 +153,49 @@ def commands(cfg: PipelineConfig) -> list[dict]:
     if cfg.verify.check_shards:
         out.append(("check-shards", ["grok-deploy", "check-shards", str(trt), "--source", str(ckpt),
                                      "--prompt", cfg.verify.shards_prompt, "--json"]))
+    notes = {}
     if cfg.engine.backend == "onnxruntime":
         out.append(("export-onnx", ["grok-deploy", "export-onnx", str(ckpt), str(cfg.output("onnx")),
                                     "--quant", cfg.engine.onnx_quant, "--preset", m]))
     else:
-        out.append(("build", ["trtllm-build", *trtllm_build_args(cfg.engine, cfg.dtype, trt, cfg.output("engines"))]))
+        build_from = trt
+        if cfg.quantization == "w8a16":  # trtllm-build passes int8 weights through untouched (§5)
+            build_from = cfg.output("trtllm_preprocessed")
+            out.append(("preprocess", ["grok-deploy", "preprocess", str(trt), str(build_from)]))
+            notes["preprocess"] = ("on the GPU host: TensorRT-LLM's torch.ops.trtllm.preprocess_weights_for_mixed_gemm "
+                                   "lays out every int8 weight for this GPU; trtllm-build reads its output")
+        version, how = flags_version(cfg)
+        out.append(("build", ["trtllm-build", *trtllm_build_args(cfg.engine, cfg.dtype, build_from,
+                                                                 cfg.output("engines"), version)]))
+        notes["build"] = (f"flags for TensorRT-LLM {version} ({how}); the build refuses versions outside "
+                          f"{compat.known_good_text()}")
     out.append(("deploy", tritonserver_argv(cfg)))
+    if cfg.engine.backend == "trtllm" and cfg.hardware.nodes > 1:
+        notes["deploy"] = (f"run on the first host of {cfg.resolve(cfg.hardware.hostfile)} (the leader, rank 0, serves); "
+                           f"every node needs the same paths (a shared volume) and passwordless ssh for mpirun")
     docs = [{"stage": s, "argv": argv, "command": shlex.join(argv)} for s, argv in out]
     for d in docs:
-        if d["stage"] == "build" and cfg.quantization == "w8a16":
-            d["note"] = ("first, on the GPU host, the build stage passes every int8 weight through TensorRT-LLM's "
-                         "torch.ops.trtllm.preprocess_weights_for_mixed_gemm (trtllm-checkpoint.md §5) into a copy "
-                         "of the checkpoint that --checkpoint_dir then names")
+        if d["stage"] in notes:
+            d["note"] = notes[d["stage"]]
     return docs
+
+
+def trtllm_warnings(cfg: PipelineConfig) -> list[str]:
+    """What the build or the launch would refuse, found now: sizes TensorRT-LLM cannot build, a
+    missing hostfile."""
+    if cfg.engine.backend != "trtllm":
+        return []
+    version, _ = flags_version(cfg)
+    out = [f"{cfg.where('model.preset')}: {cfg.model.preset} at tp {cfg.parallel.tp}: {problem}; the build stage "
+           f"will refuse it (a GPU smoke test: preset grok-1-smoke, pipelines/grok-1-smoke-gpu.yaml)"
+           for problem in compat.size_problems(cfg.grok, cfg.parallel.tp, cfg.quantization, version)]
+    problem = compat.version_problem(version)
+    if problem:
+        out.append(problem)
+    hostfile = cfg.hardware.hostfile
+    if cfg.hardware.nodes > 1 and hostfile and not cfg.resolve(hostfile).is_file():
+        out.append(f"{cfg.where('hardware.hostfile')}: {cfg.resolve(hostfile)} does not exist; deploy needs it")
+    return out
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -177,7 +224,7 @@ def plan_doc(cfg: PipelineConfig) -> dict:
             raise UserError(f"stage {d.stage.name}: {problem}")
     mem, roof = memory_estimate(cfg), roofline(cfg)
     warnings = [f"{cfg.where(k)}: {path} does not exist; `run` needs it for the stages that read the source"
-                for k, path in cfg.missing_paths()] + problems
+                for k, path in cfg.missing_paths()] + trtllm_warnings(cfg) + problems
     if exposed(cfg.server.address):
         warnings.append(f"{cfg.where('server.address')}: {cfg.server.address} makes the server listen on every "
                         "network interface, reachable from other machines without authentication; use 127.0.0.1 "
@@ -195,7 +242,8 @@ def plan_doc(cfg: PipelineConfig) -> dict:
 def render(doc: dict, cfg: PipelineConfig) -> str:
     p, mem, roof = cfg.parallel, doc["memory"], doc["roofline"]
     lines = [f"pipeline {doc['pipeline']}: {cfg.model.preset}, {cfg.model.source.format} source, tp {p.tp} "
-             f"(moe_tp {p.moe_tp} x moe_ep {p.moe_ep}) x pp {p.pp}, {cfg.quantization}, {cfg.dtype}, {cfg.engine.backend}",
+             f"(moe_tp {p.moe_tp} x moe_ep {p.moe_ep}) x pp {p.pp}, {cfg.quantization}, {cfg.dtype}, {cfg.engine.backend}"
+             + (f", {cfg.hardware.nodes} nodes x {cfg.world_size // cfg.hardware.nodes} GPUs" if cfg.hardware.nodes > 1 else ""),
              "", "stages:"]
     lines += [f"  {s['name']:<13} {s['status']:<15} {s['output'] or '-'}" for s in doc["stages"]]
     lines += ["", "commands:"]
@@ -228,7 +276,17 @@ def _duration(seconds: float) -> str:
 def cli_plan(args) -> int:
     cfg = load_pipeline(args.pipeline)
     doc = plan_doc(cfg)
+    if getattr(args, "k8s", None):
+        if cfg.engine.backend != "trtllm":
+            raise UserError(f"--k8s: {cfg.where('engine.backend')} is {cfg.engine.backend}; the multi-node manifest is for trtllm")
+        from grok_deploy.serving.k8s import DEFAULT_IMAGE, write_manifests
+
+        write_manifests(cfg, args.k8s, image=args.image or DEFAULT_IMAGE)
+        doc["kubernetes_manifest"] = str(args.k8s)
     print(json.dumps(doc, indent=1) if args.json else render(doc, cfg))
+    if doc.get("kubernetes_manifest") and not args.json:
+        print(f"wrote {doc['kubernetes_manifest']}: LeaderWorkerSet of {cfg.hardware.nodes} pods x "
+              f"{cfg.world_size // cfg.hardware.nodes} GPUs and a Service on the leader")
     if cfg.engine.backend == "trtllm" and not doc["fits"]:
         raise UserError(doc["verdict"])
     return 0

@@ -22,6 +22,7 @@ from grok_deploy.errors import UserError
 from grok_deploy.manifest import overlaps
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
 from grok_deploy.serving.deploy import address_problem
+from grok_deploy.trtllm import compat
 from grok_deploy.verify.report import Tolerances as _Tol
 
 # Every number has an upper bound (the fuzz of issue 13 found overflows in plan's arithmetic and
@@ -35,7 +36,7 @@ Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
 MAX_FILE_BYTES = 1 << 20     # a pipeline.yaml is a few KB; /dev/zero or a 4 GB file is refused unread
 MAX_NODES = 100_000          # YAML nodes after alias expansion (a "billion laughs" file has 10^9)
 MAX_INT_DIGITS = 30
-PATH_KEYS = ("model.source.path", "model.source.tokenizer", "server.binary",
+PATH_KEYS = ("model.source.path", "model.source.tokenizer", "server.binary", "hardware.hostfile",
              *(f"outputs.{k}" for k in ("source", "reference", "trtllm_ckpt", "onnx", "engines",
                                          "triton_repo", "reports", "logs")))
 Plugin = Literal["auto", "bfloat16", "float16", "float32", "disable"]  # auto: the pipeline's dtype
@@ -80,9 +81,13 @@ class Engine(_Section):
     moe_plugin: Plugin = "auto"
     paged_kv_cache: bool = True
     remove_input_padding: bool = True
-    use_paged_context_fmha: bool = False  # 0.11-era kernels reject it with Grok's soft-cap
+    use_paged_context_fmha: bool | None = None  # None: by version (off only where 0.11-era kernels
+                                                # reject the soft-cap; off costs KV reuse)
     tokens_per_block: PosInt = 32
     workers: Count = 1
+    # the TensorRT-LLM version the plan's flags are written for; auto: the installed one, else
+    # trtllm.compat.ASSUMED. The build checks the installed one against the known-good range.
+    trtllm_version: str = "auto"
 
 
 class Triton(_Section):
@@ -108,6 +113,8 @@ class Hardware(_Section):
     gpu_memory_gb: PosFloat = 80.0   # GB = 1e9 bytes
     hbm_bandwidth_gbps: PosFloat = 3350.0
     gpus_per_node: Count = 8
+    nodes: Count = 1                 # > 1: the ranks are spread over nodes, one tritonserver per rank
+    hostfile: str | None = None      # MPI hostfile (`host slots=N` lines), needed when nodes > 1
     headroom_gb: Annotated[float, Field(ge=0, le=1e6)] = 4.3  # activations + workspace (~4 GiB, §9)
 
 
@@ -133,6 +140,7 @@ class Outputs(_Section):
     source: str = "export/source"
     reference: str = "export/reference"
     trtllm_ckpt: str = "export/trtllm_ckpt"
+    trtllm_preprocessed: str | None = None  # `grok-deploy preprocess` output; default: trtllm_ckpt + _preprocessed
     onnx: str = "export/onnx"
     engines: str = "engines"         # engines/<backend>
     triton_repo: str = "triton_repo"
@@ -184,6 +192,9 @@ class PipelineConfig(_Section):
 
     def output(self, name: str) -> Path:
         """Folder of an `outputs:` entry; `engines` is per backend (engines/onnxruntime...)."""
+        if name == "trtllm_preprocessed" and self.outputs.trtllm_preprocessed is None:
+            ckpt = self.output("trtllm_ckpt")
+            return ckpt.with_name(ckpt.name + "_preprocessed")
         out = self.resolve(getattr(self.outputs, name))
         return out / self.engine.backend if name == "engines" else out
 
@@ -461,9 +472,7 @@ def check(cfg: PipelineConfig) -> None:
     if cfg.verify.max_tokens >= eng.max_seq_len:
         raise cfg.fail("verify.max_tokens", f"{cfg.verify.max_tokens} leaves no room for a prompt in engine.max_seq_len {eng.max_seq_len}")
     if eng.backend == "trtllm":
-        if cfg.world_size > cfg.hardware.gpus_per_node:
-            raise cfg.fail("parallel.tp", f"tp x pp = {cfg.world_size} ranks exceeds hardware.gpus_per_node "
-                           f"{cfg.hardware.gpus_per_node}; multi-node serving is not supported")
+        check_trtllm(cfg)
         if eng.moe_plugin == "disable" and cfg.quantization == "w8a16":
             raise cfg.fail("engine.moe_plugin", "weight-only (w8a16) MoE needs the MoE plugin; use auto or bfloat16")
         if eng.gpt_attention_plugin == "disable":
@@ -487,3 +496,28 @@ def check(cfg: PipelineConfig) -> None:
         except UnicodeEncodeError as e:  # YAML's "\ud800" escape makes a lone surrogate
             raise cfg.fail(key, f"not valid Unicode text: {prompt[e.start]!r} at character {e.start} "
                            f"({e.reason}); write the character itself") from None
+
+
+def check_trtllm(cfg: PipelineConfig) -> None:
+    """What TensorRT-LLM cannot build or launch, refused at load: ranks over the nodes, dtypes
+    without a weight-only path, a pinned version outside the known-good range."""
+    hw, eng = cfg.hardware, cfg.engine
+    if cfg.world_size > hw.nodes * hw.gpus_per_node:
+        raise cfg.fail("parallel.tp", f"tp x pp = {cfg.world_size} ranks exceeds hardware.nodes {hw.nodes} x "
+                       f"gpus_per_node {hw.gpus_per_node}; set hardware.nodes (and hardware.hostfile) for multi-node serving")
+    if hw.nodes > 1:
+        if cfg.world_size % hw.nodes:
+            raise cfg.fail("hardware.nodes", f"{cfg.world_size} ranks do not spread evenly over {hw.nodes} nodes")
+        if not hw.hostfile:
+            raise cfg.fail("hardware.nodes", f"{hw.nodes} nodes need hardware.hostfile: an MPI hostfile with one "
+                           f"`host slots={cfg.world_size // hw.nodes}` line per node")
+    if cfg.quantization == "w8a16" and cfg.dtype == "float32":
+        raise cfg.fail("dtype", "float32 with quantization w8a16: TensorRT-LLM's weight-only GEMM and MoE plugins "
+                       "have no float32 path for int8 weights; use bfloat16 (or quantization: none)")
+    if eng.trtllm_version != "auto":
+        try:
+            problem = compat.version_problem(eng.trtllm_version)
+        except UserError as e:  # not a version number at all
+            raise cfg.fail("engine.trtllm_version", str(e)) from None
+        if problem:
+            raise cfg.fail("engine.trtllm_version", problem)

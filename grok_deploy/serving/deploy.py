@@ -190,18 +190,25 @@ def server_args(repo, address: str, grpc_port: int, http_port: int, metrics_port
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
 
 
+# ranks > 0 on other nodes: no endpoints at all (only rank 0 serves; triton-serving.md §9)
+FOLLOWER_FLAGS = ("--model-control-mode=explicit", "--load-model=tensorrt_llm")
+REMOTE_FOLLOWER_FLAGS = ("--allow-http=false", "--allow-grpc=false", "--allow-metrics=false")
+
+
 def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_port: int = 8001,
                    http_port: int = 8000, metrics_port: int = 8002, binary: str = "tritonserver",
-                   extra: tuple = (), shm_prefix: str = "prefix") -> list[str]:
+                   extra: tuple = (), shm_prefix: str = "prefix", hostfile=None) -> list[str]:
     """Leader mode (triton-serving.md §9): one mpirun app context per rank, the same ports on every
-    rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves."""
-    cmd = ["mpirun", "--allow-run-as-root"]
+    rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves. With an MPI `hostfile`
+    (multi-node) the followers also open no HTTP/gRPC/metrics endpoint."""
+    from grok_deploy.trtllm.mpi import mpirun_argv
+
+    contexts = []
     for rank in range(world_size):
-        if rank:
-            cmd.append(":")
-        cmd += ["-n", "1", str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_"),
-                *(["--model-control-mode=explicit", "--load-model=tensorrt_llm"] if rank else []), *extra]
-    return cmd
+        follower = (*FOLLOWER_FLAGS, *(REMOTE_FOLLOWER_FLAGS if hostfile else ())) if rank else ()
+        contexts.append([str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_"),
+                         *follower, *extra])
+    return mpirun_argv(contexts, hostfile)
 
 
 def _die_with_parent() -> None:
@@ -236,6 +243,8 @@ class TritonServer:
         self.timeout = startup_timeout_s or (s.startup_timeout_s if s else 300.0)
         trt = cfg is not None and cfg.engine.backend == "trtllm"
         self.world_size = world_size or (cfg.world_size if trt else 1)
+        hw = cfg.hardware if trt else None
+        self.hostfile = cfg.resolve(hw.hostfile) if hw is not None and hw.nodes > 1 and hw.hostfile else None
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.bind: str | None = None        # the numeric address given to Triton (set by start)
@@ -290,9 +299,13 @@ class TritonServer:
         if self.world_size > 1:
             if not shutil.which("mpirun"):
                 raise UserError(f"world size {self.world_size} needs mpirun on PATH (leader mode)")
+            if self.hostfile is not None and not self.hostfile.is_file():
+                raise UserError(f"{self.hostfile}: the MPI hostfile (hardware.hostfile) does not exist; write one "
+                                f"`host slots=N` line per node")
             extra = (f"--backend-directory={found.backend_dir}",) if found.backend_dir else ()
             return mpirun_command(self.repo, self.world_size, address=address, grpc_port=g, http_port=h,
-                                  metrics_port=m, binary=str(found.path), extra=extra, shm_prefix=f"{self.shm_prefix}r")
+                                  metrics_port=m, binary=str(found.path), extra=extra, shm_prefix=f"{self.shm_prefix}r",
+                                  hostfile=self.hostfile)
         cmd = [str(found.path), *server_args(self.repo, address, g, h, m, self.shm_prefix),
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         return cmd + ([f"--backend-directory={found.backend_dir}"] if found.backend_dir else [])

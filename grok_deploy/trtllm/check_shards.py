@@ -77,11 +77,12 @@ def _spawn(entry, job: dict, world: int, timeout: float) -> None:
 # --- the stage -------------------------------------------------------------------------------------------
 
 def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: float = 300.0,
-                 preset: str | None = None) -> dict:
+                 preset: str | None = None, launch=None) -> dict:
     """Check the rank files of `trtllm_dir` against the source checkpoint `source`, streamed layer
     by layer (check_stream.py), on the prompt. Returns the result; result["ok"] is False on any
     mismatch. `max_tokens` is kept for the CLI's compatibility: the check is teacher-forced on
-    the prompt and generates nothing."""
+    the prompt and generates nothing. `launch(job, world, timeout)` starts the rank processes
+    (default: local processes; trtllm.mpi.mpirun_launcher: under mpirun with a hostfile)."""
     from grok_deploy.checkpoint import open_checkpoint
     from grok_deploy.model.tokenizer import load_tokenizer
     from grok_deploy.trtllm.check_stream import check_streamed
@@ -111,8 +112,9 @@ def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: 
     if layout:  # names, shapes or dtypes wrong: the values cannot be read as this layout
         return {"world_size": m.world, "ok": False, "tokens_match": False, "max_abs_logit_diff": float("nan"),
                 "tolerance": 0.0, "tensor_mismatches": layout, "mapping": m.to_dict(), "quant": quant}
+    spawn = _spawn if launch is None else (lambda entry, job, world, t: launch(job, world, t))
     return check_streamed(trtllm_dir, ckpt, config, m, quant, prompt_ids,
-                          requantized_parts(cfg, m, quant, ckpt.format), timeout, _spawn)
+                          requantized_parts(cfg, m, quant, ckpt.format), timeout, spawn)
 
 
 def cli_check_shards(args) -> int:

@@ -238,7 +238,8 @@ def _rank_layers_main(index: int, job: dict) -> None:
 
     torch.set_num_threads(1)
     m, rank = Mapping.from_dict(job["mapping"]), index
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=rank,
+    master = job.get("master_addr", "127.0.0.1")  # the hostfile's first host under mpirun (trtllm/mpi.py)
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:{job['port']}", rank=rank,
                             world_size=job["world"], timeout=timedelta(seconds=job["timeout"]))
     try:
         groups = [dist.new_group(list(range(p * m.tp, (p + 1) * m.tp))) for p in range(m.pp)]

@@ -49,7 +49,16 @@ BAD = {
     "moe plugin off with w8a16": ("engine:\n  backend: trtllm\n  moe_plugin: disable\n", "engine.moe_plugin", 3,
                                   ["needs the MoE plugin"]),
     "more ranks than GPUs": ("model:\n  preset: grok-1\nparallel:\n  tp: 8\n  pp: 2\nengine:\n  backend: trtllm\n",
-                             "parallel.tp", 4, ["16 ranks", "gpus_per_node 8"]),
+                             "parallel.tp", 4, ["16 ranks", "hardware.nodes 1 x gpus_per_node 8", "hardware.hostfile"]),
+    "two nodes without a hostfile": ("model:\n  preset: grok-1\nparallel:\n  tp: 8\n  pp: 2\nengine:\n  backend: trtllm\n"
+                                     "hardware:\n  nodes: 2\n", "hardware.nodes", 9, ["2 nodes need hardware.hostfile", "slots=8"]),
+    "float32 with w8a16 on trtllm": ("dtype: float32\nengine:\n  backend: trtllm\n", "dtype", 1,
+                                     ["no float32 path for int8 weights", "use bfloat16"]),
+    "trtllm version out of range": ("engine:\n  backend: trtllm\n  trtllm_version: 0.14.0.dev2024100800\n",
+                                    "engine.trtllm_version", 3, ["TensorRT-LLM 0.14.0.dev2024100800 is outside the known-good range",
+                                                                 ">=0.12.0,<0.14.0.dev0 or >=0.15.0.dev2024101500", "top_k"]),
+    "trtllm version not a version": ("engine:\n  backend: trtllm\n  trtllm_version: latest\n", "engine.trtllm_version", 3,
+                                     ["not a version number"]),
 }
 
 

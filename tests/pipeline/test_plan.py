@@ -68,11 +68,16 @@ def test_h100_plan_commands(tmp_path, capsys):
     cmds = {c["stage"]: c["argv"] for c in doc["commands"]}
     assert cmds["convert"][:4] == ["grok-deploy", "convert", "/models/grok-1", str(tmp_path / "export/trtllm_ckpt")]
     assert " --tp 8 --moe-tp 8 --moe-ep 1 --pp 1 --quant w8a16 --dtype bfloat16" in " ".join(cmds["convert"])
+    # w8a16: the int8 weights are laid out for the GPU first, and trtllm-build reads that copy
+    assert cmds["preprocess"] == ["grok-deploy", "preprocess", str(tmp_path / "export/trtllm_ckpt"),
+                                  str(tmp_path / "export/trtllm_ckpt_preprocessed")]
+    assert [c["stage"] for c in doc["commands"]] == ["convert", "preprocess", "build", "deploy"]
     build = " ".join(cmds["build"])
     assert cmds["build"][0] == "trtllm-build"
-    for flag in ("--checkpoint_dir " + str(tmp_path / "export/trtllm_ckpt"), "--output_dir " + str(tmp_path / "engines/trtllm"),
+    assert "--use_paged_context_fmha" not in build  # flags for 0.15 (assumed): the default, which keeps KV reuse
+    for flag in ("--checkpoint_dir " + str(tmp_path / "export/trtllm_ckpt_preprocessed"), "--output_dir " + str(tmp_path / "engines/trtllm"),
                  "--gpt_attention_plugin bfloat16", "--gemm_plugin bfloat16", "--moe_plugin bfloat16",
-                 "--paged_kv_cache enable", "--remove_input_padding enable", "--use_paged_context_fmha disable",
+                 "--paged_kv_cache enable", "--remove_input_padding enable",
                  "--max_batch_size 64", "--max_input_len 4096", "--max_seq_len 8192", "--max_num_tokens 8192",
                  "--max_beam_width 1", "--workers 8"):
         assert flag in build, flag
@@ -116,7 +121,8 @@ def test_memory_scales_with_layout(tmp_path):
     w4, w8 = weights_per_gpu(tp4), weights_per_gpu(tp8)
     assert w4["layers"] == pytest.approx(w8["layers"], rel=0.02)  # half the layers, twice the width
     assert w4["total"] == max(w4["layers"] + w4["vocab_embedding"], w4["layers"] + w4["lm_head_ln_f"])
-    f32 = load_pipeline(h100_copy(tmp_path, ("dtype: bfloat16", "dtype: float32")))
+    # float32 only without w8a16 (TensorRT-LLM's weight-only kernels have no float32 path)
+    f32 = load_pipeline(h100_copy(tmp_path, ("dtype: bfloat16", "dtype: float32"), ("quantization: w8a16", "quantization: none")))
     assert kv_bytes_per_token(f32) == 2 * kv_bytes_per_token(tp8)
     assert memory_estimate(f32)["weights"]["vocab_embedding"] == 2 * w8["vocab_embedding"]
 

@@ -26,7 +26,10 @@ DOCUMENTED_FLAGS = {
     "--max_seq_len", "--max_num_tokens", "--max_beam_width", "--use_paged_context_fmha", "--tokens_per_block",
 }
 CONFIG = {"dtype": "bfloat16", "max_position_embeddings": 8192, "quantization": {"quant_algo": "W8A16"},
-          "mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1, "moe_tp_size": 2, "moe_ep_size": 1}}
+          "mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1, "moe_tp_size": 2, "moe_ep_size": 1},
+          # grok-1-smoke's sizes: buildable at every tp up to 8
+          "hidden_size": 512, "head_size": 128, "num_attention_heads": 8, "num_key_value_heads": 8,
+          "intermediate_size": 1024}
 
 
 def test_default_command_is_the_documented_one():
@@ -110,10 +113,13 @@ def test_missing_convert_manifest(tmp_path):
 FAKE_TRTLLM = '''
 """Stand-in for tensorrt_llm: registers the preprocessing op the way the real package does."""
 import torch
-__version__ = "0.0.fake"
-_lib = torch.library.Library("trtllm", "DEF")
-_lib.define("preprocess_weights_for_mixed_gemm(Tensor w, ScalarType qt, ScalarType at) -> Tensor")
-_lib.impl("preprocess_weights_for_mixed_gemm", lambda w, qt, at: (w.flip(-1) ^ 1).contiguous(), "CPU")
+__version__ = "{version}"
+try:  # once per process, as a torch library namespace can be defined only once
+    torch.ops.trtllm.preprocess_weights_for_mixed_gemm
+except (AttributeError, RuntimeError):
+    _lib = torch.library.Library("trtllm", "DEF")
+    _lib.define("preprocess_weights_for_mixed_gemm(Tensor w, ScalarType qt, ScalarType at) -> Tensor")
+    _lib.impl("preprocess_weights_for_mixed_gemm", lambda w, qt, at: (w.flip(-1) ^ 1).contiguous(), "CPU")
 '''
 FAKE_BUILD = '''#!{python}
 """Stand-in trtllm-build: records its argv and copies each rank file to rank<r>.engine."""
@@ -127,10 +133,11 @@ for f in Path(args["--checkpoint_dir"]).glob("rank*.safetensors"):
 '''
 
 
-def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
+def stand_in(tmp_path: Path, monkeypatch, version: str = "0.15.0") -> Path:
+    """Install the stand-in tensorrt_llm (reporting `version`) and trtllm-build; returns the latter."""
     pkg = tmp_path / "site" / "tensorrt_llm"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_TRTLLM))
+    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_TRTLLM).replace("{version}", version))
     bindir = tmp_path / "bin"
     bindir.mkdir()
     exe = bindir / "trtllm-build"
@@ -141,13 +148,18 @@ def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
     spec.loader.exec_module(fake)
     monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)  # gone again after the test
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return exe
+
+
+def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
+    exe = stand_in(tmp_path, monkeypatch)
     tensors = _checkpoint(tmp_path / "ckpt")
 
     man = build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine", {"max_batch_size": 4})
     out = tmp_path / "engine"
     assert sorted(p.name for p in out.iterdir()) == [".grok-deploy", "build.log", "config.json", "manifest.json",
                                                      "rank0.engine", "rank1.engine"]
-    assert man["preprocessed_here"] and man["tensorrt_llm_version"] == "0.0.fake"
+    assert man["preprocessed_here"] and man["tensorrt_llm_version"] == "0.15.0"
     assert man["command"][0] == str(exe) and "--max_batch_size" in man["command"]
     assert json.loads((out / "manifest.json").read_text())["files"]["rank0.engine"]["sha256"] == man["files"]["rank0.engine"]["sha256"]
     for r, (w, s) in tensors.items():
@@ -158,3 +170,87 @@ def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
             got_s = f.get_tensor("transformer.layers.0.mlp.fc.per_channel_scale")
             assert np.array_equal(got_s.float().numpy(), s.astype(np.float32))  # scales untouched
     assert not list(tmp_path.glob("engine.tmp-*"))
+
+
+@pytest.mark.parametrize("version,words", [
+    ("0.14.0.dev2024100800", ["MoeConfig arguments are passed by position", "top_k"]),
+    ("0.11.0.dev2024062500", ["reads config.moe"]),
+    ("0.10.0", ["no Grok model before 0.11"]),
+    ("2.1.0", ["newer than any version checked"]),
+])
+def test_version_outside_the_known_good_range_is_refused_before_anything_is_built(tmp_path, monkeypatch, version, words):
+    stand_in(tmp_path, monkeypatch, version)
+    _checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError) as e:
+        build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
+    msg = str(e.value)
+    assert msg.startswith(f"TensorRT-LLM {version} is outside the known-good range for Grok "
+                          "(>=0.12.0,<0.14.0.dev0 or >=0.15.0.dev2024101500,<2.0.0.dev0): ")
+    assert all(w in msg for w in words) and "\n" not in msg
+    assert not (tmp_path / "engine").exists() and not list(tmp_path.glob("engine.tmp-*"))
+    with pytest.raises(UserError, match=f"TensorRT-LLM {version} is outside"):
+        build.preprocess(tmp_path / "ckpt", tmp_path / "pre")
+    assert not (tmp_path / "pre").exists() and not list(tmp_path.glob("pre.tmp-*"))
+
+
+@pytest.mark.parametrize("version,paged,fmha", [
+    ("0.12.0", ["--paged_kv_cache", "enable"], None),
+    ("0.15.0.dev2024101500", ["--paged_kv_cache", "enable"], None),
+    ("0.17.0", ["--kv_cache_type", "paged"], None),
+    ("1.0.0rc3", ["--kv_cache_type", "paged"], None),
+    ("0.11.0", ["--paged_kv_cache", "enable"], "disable"),  # 0.11-era FMHA rejects the soft-cap
+])
+def test_version_dependent_flags(version, paged, fmha):
+    cmd = build.trtllm_build_command("ck", "eng", build.engine_options({}, CONFIG), version=version)
+    pos = cmd.index(paged[0])
+    assert cmd[pos:pos + 2] == paged
+    assert {"--paged_kv_cache", "--kv_cache_type"} - {paged[0]} & set(cmd) == set()
+    assert (cmd[cmd.index("--use_paged_context_fmha") + 1] if "--use_paged_context_fmha" in cmd else None) == fmha
+    # an explicit choice is kept whatever the version
+    opts = build.engine_options({"use_paged_context_fmha": "enable"}, CONFIG)
+    cmd = build.trtllm_build_command("ck", "eng", opts, version=version)
+    assert cmd[cmd.index("--use_paged_context_fmha") + 1] == "enable"
+
+
+def test_kv_cache_type_flag_reads_back_as_paged_kv_cache():
+    args = ["--checkpoint_dir", "x", "--output_dir", "y", "--kv_cache_type", "disabled"]
+    assert build.flags_to_options(args) == {"paged_kv_cache": "disable"}
+
+
+def test_float32_with_w8a16_is_refused():
+    with pytest.raises(UserError) as e:
+        build.engine_options({}, {**CONFIG, "dtype": "float32"})
+    assert str(e.value).startswith("dtype float32 with W8A16: TensorRT-LLM's weight-only GEMM and MoE plugins "
+                                   "have no float32 path for int8 weights")
+    build.engine_options({}, {**CONFIG, "dtype": "float32", "quantization": {"quant_algo": None}})  # fine unquantised
+
+
+def test_sizes_the_kernels_reject_are_refused(tmp_path, monkeypatch):
+    stand_in(tmp_path, monkeypatch, "0.15.0")
+    _checkpoint(tmp_path / "ckpt")
+    tiny = {**CONFIG, "hidden_size": 256, "head_size": 16, "num_attention_heads": 16, "intermediate_size": 344}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(tiny))  # grok-1-tiny's sizes
+    with pytest.raises(UserError) as e:
+        build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
+    msg = str(e.value)
+    assert msg.startswith("TensorRT-LLM 0.15.0 cannot build this checkpoint: head size 16: the soft-capped attention "
+                          "kernels take 128 or 256; weight-only sizes not multiples of 64 x tp = 128")
+    assert "hidden (qkv in, dense out, fc in, proj out) 256" not in msg  # 256 = 2 x 128 is fine at tp 2
+    assert "expert ffn (fc out / 2, proj in) 344" in msg and "grok-1-smoke" in msg
+    assert not (tmp_path / "engine").exists()
+
+
+def test_preprocess_command_then_build_from_its_output(tmp_path, monkeypatch):
+    exe = stand_in(tmp_path, monkeypatch)
+    tensors = _checkpoint(tmp_path / "ckpt")
+    doc = build.preprocess(tmp_path / "ckpt", tmp_path / "pre")
+    on_disk = json.loads((tmp_path / "pre" / "manifest.json").read_text())
+    assert on_disk["preprocessed"] is True and doc["tensorrt_llm_version"] == "0.15.0" and doc["tensors"] == 4
+    assert on_disk["files"]["rank1.safetensors"]["sha256"] == doc["files"]["rank1.safetensors"]["sha256"]
+    with safe_open(str(tmp_path / "pre" / "rank0.safetensors"), framework="np") as f:
+        assert np.array_equal(f.get_tensor("transformer.layers.0.mlp.fc.weight"), np.flip(tensors[0][0], -1) ^ 1)
+    with pytest.raises(UserError, match="preprocessing twice scrambles the weights"):
+        build.preprocess(tmp_path / "pre", tmp_path / "pre2")
+    man = build.build_trtllm(tmp_path / "pre", tmp_path / "engine")
+    assert not man["preprocessed_here"]  # built from the preprocessed copy as it is
+    assert man["command"][:3] == [str(exe), "--checkpoint_dir", str(tmp_path / "pre")]

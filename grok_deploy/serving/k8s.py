@@ -1,0 +1,117 @@
+"""Kubernetes manifest of the multi-node launch: a LeaderWorkerSet (leaderworkerset.x-k8s.io/v1)
+with one leader and nodes-1 workers, one pod per node, and a Service on the leader.
+
+The standard multi-node pattern of Triton's TensorRT-LLM backend on Kubernetes: the leader pod
+writes an MPI hostfile from the names LWS gives the group's pods, waits until every worker
+resolves, and runs the same mpirun leader-mode command as `plan` prints (rank 0 serves, the
+other ranks load only tensorrt_llm and open no endpoint; triton-serving.md §9). Workers run sshd,
+which mpirun reaches with the key of the `ssh_secret` Secret. Every pod mounts the shared model
+volume at the path where the engines and triton_repo/ were written (config.pbtxt holds absolute
+paths), requests its node's GPUs, and the leader is ready when its gRPC health check answers.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+
+from grok_deploy.serving.deploy import mpirun_command
+
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+HOSTFILE = "/tmp/grok-deploy-hostfile"
+DEFAULT_IMAGE = "grok-deploy-triton:latest"  # FROM the Triton TensorRT-LLM image + grok-deploy + sshd
+
+
+def model_mount(cfg) -> str:
+    """The folder holding the engines and the model repository (mounted at the same path in pods)."""
+    return os.path.commonpath([str(cfg.output("engines")), str(cfg.output("triton_repo"))])
+
+
+def leader_script(cfg) -> str:
+    """sh -c program of the leader: hostfile from LWS's pod names, wait for the workers, mpirun."""
+    s, per_node = cfg.server, cfg.world_size // cfg.hardware.nodes
+    argv = mpirun_command(cfg.output("triton_repo"), cfg.world_size, address="0.0.0.0", grpc_port=s.grpc_port,
+                          http_port=s.http_port, metrics_port=s.metrics_port, hostfile=HOSTFILE)
+    # LWS_LEADER_ADDRESS = <lws>-<group>.<lws>.<namespace>; worker i is <lws>-<group>-<i>.<lws>.<namespace>
+    return "\n".join([
+        "set -eu",
+        'group="${LWS_LEADER_ADDRESS%%.*}"; domain="${LWS_LEADER_ADDRESS#*.}"',
+        f'echo "$LWS_LEADER_ADDRESS slots={per_node}" > {HOSTFILE}',
+        'for i in $(seq 1 $((LWS_GROUP_SIZE - 1))); do',
+        f'  echo "$group-$i.$domain slots={per_node}" >> {HOSTFILE}',
+        '  until getent hosts "$group-$i.$domain" > /dev/null; do sleep 2; done',
+        'done',
+        "exec " + shlex.join(argv),
+    ])
+
+
+def _pod(cfg, image: str, role: str, command: list[str], volume_claim: str, ssh_secret: str) -> dict:
+    s, per_node, mount = cfg.server, cfg.world_size // cfg.hardware.nodes, model_mount(cfg)
+    container = {
+        "name": role, "image": image, "command": command,
+        "resources": {"limits": {"nvidia.com/gpu": per_node}},
+        "volumeMounts": [{"name": "models", "mountPath": mount},
+                         {"name": "dshm", "mountPath": "/dev/shm"},  # python-backend stubs (triton-serving.md §9)
+                         {"name": "ssh", "mountPath": "/root/.ssh", "readOnly": True}],
+    }
+    if role == "leader":
+        container["ports"] = [{"name": "grpc", "containerPort": s.grpc_port},
+                              {"name": "http", "containerPort": s.http_port},
+                              {"name": "metrics", "containerPort": s.metrics_port}]
+        # ready = Triton's gRPC health service says SERVING: every model loaded on every rank
+        container["readinessProbe"] = {"grpc": {"port": s.grpc_port}, "periodSeconds": 10, "failureThreshold": 3}
+        container["startupProbe"] = {"grpc": {"port": s.grpc_port}, "periodSeconds": 10,
+                                     "failureThreshold": max(1, int(s.startup_timeout_s // 10))}
+    else:
+        container["ports"] = [{"name": "ssh", "containerPort": 22}]
+    return {
+        "metadata": {"labels": {"app": "grok-deploy", "role": role}},
+        "spec": {
+            "containers": [container],
+            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": volume_claim}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+                        {"name": "ssh", "secret": {"secretName": ssh_secret, "defaultMode": 0o400}}],
+        },
+    }
+
+
+def manifests(cfg, image: str = DEFAULT_IMAGE, name: str = "grok-1", volume_claim: str = "grok-deploy-models",
+              ssh_secret: str = "grok-deploy-ssh") -> list[dict]:
+    """[LeaderWorkerSet, Service] for the pipeline's tp x pp over hardware.nodes nodes."""
+    s = cfg.server
+    lws = {
+        "apiVersion": LWS_API, "kind": "LeaderWorkerSet",
+        "metadata": {"name": name, "labels": {"app": "grok-deploy"}},
+        "spec": {
+            "replicas": 1,
+            "startupPolicy": "LeaderCreated",  # workers start with the leader, which waits for them
+            "leaderWorkerTemplate": {
+                "size": cfg.hardware.nodes,
+                "restartPolicy": "RecreateGroupOnPodRestart",  # under mpirun the death of any rank ends the job
+                "leaderTemplate": _pod(cfg, image, "leader", ["sh", "-c", leader_script(cfg)], volume_claim,
+                                       ssh_secret),
+                "workerTemplate": _pod(cfg, image, "worker", ["/usr/sbin/sshd", "-D", "-e"], volume_claim, ssh_secret),
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": f"{name}-leader", "labels": {"app": "grok-deploy"}},
+        "spec": {"selector": {LWS_NAME_LABEL: name, "role": "leader"},
+                 "ports": [{"name": "grpc", "port": s.grpc_port, "targetPort": s.grpc_port},
+                           {"name": "http", "port": s.http_port, "targetPort": s.http_port},
+                           {"name": "metrics", "port": s.metrics_port, "targetPort": s.metrics_port}]},
+    }
+    return [lws, service]
+
+
+def write_manifests(cfg, path, **kwargs) -> list[dict]:
+    """The manifests as one multi-document YAML file at `path`."""
+    import yaml
+
+    docs = manifests(cfg, **kwargs)
+    with open(path, "w") as f:
+        f.write(f"# grok-deploy: {cfg.file.name}, tp {cfg.parallel.tp} x pp {cfg.parallel.pp} over "
+                f"{cfg.hardware.nodes} nodes (kubectl apply -f; needs the LeaderWorkerSet controller)\n")
+        yaml.safe_dump_all(docs, f, sort_keys=False)
+    return docs
