@@ -52,7 +52,8 @@ def triton_tokens_per_s(url: str, cfg, c: int, prompt_len: int, tokens: int) -> 
     from grok_deploy.serving.bench import Session, one_request
 
     prompts = prompts_for(cfg, c, prompt_len)
-    sessions = [Session(url) for _ in prompts]  # streams open before the clock starts
+    session = Session(url)  # the stream is open before the clock starts
+    sessions = [session] * len(prompts)
     counts, errors = [], []
 
     def client(p, session):
@@ -68,8 +69,7 @@ def triton_tokens_per_s(url: str, cfg, c: int, prompt_len: int, tokens: int) -> 
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
-    for s in sessions:
-        s.close()
+    session.close()
     if errors:
         raise errors[0]
     return sum(counts) / seconds

@@ -2,7 +2,7 @@
 concurrency levels, with figures defined as genai-perf defines them (triton-serving.md §11).
 
 Each level sends `requests` measured requests (after `warmup` unmeasured ones) from `concurrency`
-clients, each client with its own gRPC stream kept open for all its requests (`Session`). Prompts are synthetic with an exact token count
+clients over one gRPC stream kept open for the level (`Session`, as perf_analyzer does). Prompts are synthetic with an exact token count
 (`synthetic_prompts`), and every request generates exactly `output_tokens` tokens: end_id -1
 (ignore-EOS) and min_tokens = max_tokens. Output tokens are counted from what the server streams
 back, not by re-tokenizing text: `tensorrt_llm` sends token ids; through the ensemble and the BLS
@@ -74,41 +74,61 @@ def _inputs(model: str, prompt, max_tokens: int) -> list:
 
 
 class Session:
-    """One client's gRPC stream, open for all its requests (as perf_analyzer keeps one per client),
-    so that connecting is not part of any request's time. One request at a time."""
+    """One gRPC stream shared by all clients of a level, as perf_analyzer shares its streams:
+    connecting is no request's time, and one callback thread (not one per client) reads and
+    time-stamps every response on arrival, then routes it by request id to its client."""
 
     def __init__(self, url: str):
         import tritonclient.grpc as grpcclient
 
-        self.url, self.results = url, queue.Queue()
+        self.url, self.lock, self.waiting = url, threading.Lock(), {}
         self.client = grpcclient.InferenceServerClient(url=url)
-        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+        self.client.start_stream(callback=self._arrived)
+
+    def _arrived(self, result, error) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            if error is not None:  # no request id on a stream error: every waiting request fails
+                for q in self.waiting.values():
+                    q.put((now, None, error))
+                return
+            q = self.waiting.get(result.get_response().id)
+        if q is not None:
+            q.put((now, result, None))
 
     def request(self, model: str, inputs: list, timeout: float):
-        """Yield each data response of one request until its final one; ServerError on an error."""
+        """Yield (arrival time, result) for each data response of one request until its final one;
+        ServerError on an error."""
         from tritonclient.utils import InferenceServerException
 
+        rid, q = uuid.uuid4().hex, queue.Queue()
+        with self.lock:
+            self.waiting[rid] = q
         try:
-            self.client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
-        except InferenceServerException as e:  # the stream broke (no server): its callback has why
             try:
-                e = self.results.get(timeout=5)[1] or e
-            except queue.Empty:
-                pass
-            raise ServerError(f"cannot reach the server at {self.url}: {e.message()}") from None
-        while True:
-            try:
-                result, error = self.results.get(timeout=timeout)
-            except queue.Empty:
-                raise ServerError(f"no response from {model} at {self.url} within {timeout:.0f} s") from None
-            if error is not None:
-                where = f"cannot reach the server at {self.url}: " if "UNAVAILABLE" in str(error.status()) else ""
-                raise ServerError(where + error.message(), error.status())
-            if result.get_response().outputs:
-                yield result
-            p = result.get_response().parameters
-            if "triton_final_response" in p and p["triton_final_response"].bool_param:
-                return
+                self.client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True)
+            except InferenceServerException as e:  # the stream broke (no server): its callback has why
+                try:
+                    e = q.get(timeout=5)[2] or e
+                except queue.Empty:
+                    pass
+                raise ServerError(f"cannot reach the server at {self.url}: {e.message()}") from None
+            while True:
+                try:
+                    now, result, error = q.get(timeout=timeout)
+                except queue.Empty:
+                    raise ServerError(f"no response from {model} at {self.url} within {timeout:.0f} s") from None
+                if error is not None:
+                    where = f"cannot reach the server at {self.url}: " if "UNAVAILABLE" in str(error.status()) else ""
+                    raise ServerError(where + error.message(), error.status())
+                if result.get_response().outputs:
+                    yield now, result
+                p = result.get_response().parameters
+                if "triton_final_response" in p and p["triton_final_response"].bool_param:
+                    return
+        finally:
+            with self.lock:
+                self.waiting.pop(rid, None)
 
     def close(self) -> None:
         self.client.stop_stream(cancel_requests=True)
@@ -120,15 +140,15 @@ def one_request(session: Session, model: str, prompt, max_tokens: int, timeout: 
     inputs = _inputs(model, prompt, max_tokens)
     t0 = time.perf_counter()
     times, tokens = [], 0
-    for result in session.request(model, inputs, timeout):
-        times.append(time.perf_counter() - t0)
+    for now, result in session.request(model, inputs, timeout):
+        times.append(now - t0)
         if model == "tensorrt_llm":
             tokens += int(result.as_numpy("sequence_length").reshape(-1)[0])
         else:
             tokens += 1  # one engine step per streamed response, one token per step
-    end = time.perf_counter()
     if tokens != max_tokens:
         raise ServerError(f"{model} streamed {tokens} tokens for max_tokens {max_tokens}")
+    end = t0 + times[-1] if times else time.perf_counter()
     return {"ttft": times[0] if times else None, "latency": end - t0, "times": times, "tokens": tokens, "end": end}
 
 
@@ -147,24 +167,16 @@ def run_level(url: str, model: str, prompts: list, concurrency: int, requests: i
         lock, taken = threading.Lock(), [0]
 
         def worker() -> None:
-            try:
-                session = Session(url)
-            except Exception as e:  # noqa: BLE001 - tritonclient raises its own types here
-                errors.append(f"cannot reach the server at {url}: {e}")
-                return
-            try:
-                while True:
-                    with lock:
-                        if taken[0] >= count or errors:
-                            return
-                        i = taken[0]
-                        taken[0] += 1
-                    try:
-                        keep.append(one_request(session, model, prompts[i % len(prompts)], max_tokens, timeout))
-                    except ServerError as e:
-                        errors.append(str(e))
-            finally:
-                session.close()
+            while True:
+                with lock:
+                    if taken[0] >= count or errors:
+                        return
+                    i = taken[0]
+                    taken[0] += 1
+                try:
+                    keep.append(one_request(session, model, prompts[i % len(prompts)], max_tokens, timeout))
+                except ServerError as e:
+                    errors.append(str(e))
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, count))]
@@ -176,9 +188,16 @@ def run_level(url: str, model: str, prompts: list, concurrency: int, requests: i
         return max((r["end"] for r in keep), default=time.perf_counter()) - t0
 
     errors: list[str] = []
-    drain(warmup, [], errors)
-    runs: list[dict] = []
-    seconds = drain(requests, runs, errors) if not errors else 0.0
+    try:
+        session = Session(url)
+    except Exception as e:  # noqa: BLE001 - tritonclient raises its own types here
+        raise ServerError(f"cannot reach the server at {url}: {e}") from None
+    try:
+        drain(warmup, [], errors)
+        runs: list[dict] = []
+        seconds = drain(requests, runs, errors) if not errors else 0.0
+    finally:
+        session.close()
     if errors:
         raise ServerError(f"{len(errors)} request(s) failed at concurrency {concurrency}: {errors[0]}")
     tokens = sum(r["tokens"] for r in runs)

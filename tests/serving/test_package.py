@@ -12,7 +12,8 @@ from serving_fixtures import write_pipeline
 from grok_deploy.errors import UserError
 from grok_deploy.serving.package import MODELS, package, parse_config, render, template
 
-TYPES = {"TYPE_INT32", "TYPE_FP32", "TYPE_BOOL", "TYPE_UINT64", "TYPE_STRING", "TYPE_FP16"}
+# TYPE_INT64: the return_perf_metrics *_time_ns outputs
+TYPES = {"TYPE_INT32", "TYPE_INT64", "TYPE_FP32", "TYPE_BOOL", "TYPE_UINT64", "TYPE_STRING", "TYPE_FP16"}
 
 
 @pytest.fixture(scope="module")
