@@ -347,7 +347,7 @@ def test_config_from_shapes_or_preset(tmp_path, tiny):
         open_checkpoint(folder, preset="grok-1-bench")
     custom = dataclasses.replace(TINY, name="custom", num_layers=11, emb_size=128, num_q_heads=8)
     save(tmp_path / "custom", custom, random_leaves(custom))
-    with pytest.raises(UserError, match=r"match no preset \(grok-1, grok-1-bench, grok-1-tiny\); pass the preset") as err:
+    with pytest.raises(UserError, match=r"match no preset \(grok-1, grok-1-bench, grok-1-smoke, grok-1-tiny\); pass the preset") as err:
         open_checkpoint(tmp_path / "custom")
     assert str(tmp_path / "custom") in str(err.value)
     assert open_checkpoint(tmp_path / "custom", preset=custom).config == custom

@@ -206,7 +206,7 @@ def test_config_derived_sizes_and_errors():
     assert GrokConfig.from_name("grok-1-bench").ffn_size == 5464
     assert GrokConfig.from_name("grok-1").param_count() == 315_684_820_992
     from grok_deploy.errors import UserError
-    with pytest.raises(UserError, match="known presets: grok-1, grok-1-bench, grok-1-tiny"):
+    with pytest.raises(UserError, match="known presets: grok-1, grok-1-bench, grok-1-smoke, grok-1-tiny"):
         GrokConfig.from_name("grok-2")
     with pytest.raises(UserError, match="num_q_heads 12 is not divisible by num_kv_heads 8"):
         GrokConfig.from_name("grok-1-tiny", num_q_heads=12)
