@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,9 +16,20 @@ from grok_deploy.manifest import MARK, atomic_dir, commit, new_tmp, replace_prob
 from grok_deploy.pipeline.runner import run_pipeline
 from grok_deploy.pipeline.schema import load_pipeline
 from grok_deploy.pipeline.stages import Stage
-from rel_helpers import cli, digest, leftovers, one_error_line
+from grok_deploy.cli import main
+from rel_helpers import digest, leftovers, one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cli(capsys):
+    """The command in this process (fast); returns an object with returncode and stderr."""
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 @pytest.fixture
@@ -36,7 +48,7 @@ def _user_folder(path: Path) -> dict:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("command", ["export-onnx", "convert"])
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
-def test_output_overlapping_the_source_is_refused(src, command, where):
+def test_output_overlapping_the_source_is_refused(src, command, where, cli):
     before = digest(src)
     out = {"same": src, "inside": src / "out", "parent": src.parent}[where]
     res = cli(command, src, out, *(["--tp", "2"] if command == "convert" else []))
@@ -48,7 +60,7 @@ def test_output_overlapping_the_source_is_refused(src, command, where):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("command", ["export-onnx", "convert"])
-def test_a_users_folder_is_never_replaced(src, tmp_path, command):
+def test_a_users_folder_is_never_replaced(src, tmp_path, command, cli):
     out = tmp_path / "mine"
     before = _user_folder(out)
     res = cli(command, src, out, *(["--tp", "2"] if command == "convert" else []))
@@ -63,7 +75,7 @@ def test_a_users_folder_is_never_replaced(src, tmp_path, command):
 
 
 @pytest.mark.timeout(180)
-def test_own_and_empty_folders_are_replaced_other_stages_are_not(src, tmp_path):
+def test_own_and_empty_folders_are_replaced_other_stages_are_not(src, tmp_path, cli):
     onnx, trt = tmp_path / "onnx", tmp_path / "trt"
     onnx.mkdir()  # empty: fine
     assert cli("export-onnx", src, onnx).returncode == 0
@@ -114,7 +126,7 @@ def _pipe(tmp_path: Path, extra: str) -> Path:
     ("outputs:\n  onnx: export/source/onnx", "overlaps outputs.onnx"),
     ("outputs:\n  reports: export", "overlaps"),
 ])
-def test_outputs_overlapping_the_pipeline_folder_or_each_other(tmp_path, outputs, message):
+def test_outputs_overlapping_the_pipeline_folder_or_each_other(tmp_path, outputs, message, cli):
     f = _pipe(tmp_path, outputs)
     (tmp_path / "notes.txt").write_text("mine")
     for command in ("plan", "run"):
@@ -126,7 +138,7 @@ def test_outputs_overlapping_the_pipeline_folder_or_each_other(tmp_path, outputs
 
 
 @pytest.mark.timeout(120)
-def test_outputs_inside_the_source_and_a_foreign_output_folder(src, tmp_path):
+def test_outputs_inside_the_source_and_a_foreign_output_folder(src, tmp_path, cli):
     f = _pipe(tmp_path, f"  # \noutputs:\n  onnx: {src}/onnx\n")
     text = f.read_text().replace("format: synthetic", f"format: xai\n    path: {src}")
     f.write_text(text)
