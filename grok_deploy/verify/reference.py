@@ -114,10 +114,11 @@ def cli_generate(args) -> int:
 
     context = ckpt.config.sequence_len
     if args.max_tokens >= context:
-        raise UserError(f"--max-tokens {args.max_tokens}: {ckpt.config.name} has {context} positions, which must "
-                        f"hold the prompt and the new tokens; ask for at most {context - 1}")
+        raise UserError(f"--max-tokens {args.max_tokens}: {ckpt.config.name}'s {context} positions must leave room for "
+                        f"the prompt; ask for at most {context - 1}")
     # left-truncated as the original does, keeping room for the new tokens
-    prompt_ids = fit_context(prompt_ids, context - args.max_tokens, f"--prompt (with room for {args.max_tokens} new tokens)")
+    prompt_ids = fit_context(prompt_ids, context - args.max_tokens,
+                             f"--prompt (with room for {args.max_tokens} new tokens)")
     model = load_model(ckpt, args.dtype)
     torch.manual_seed(args.seed)
     res = generate(model, [prompt_ids], args.max_tokens, args.temperature, args.top_p, args.seed,

@@ -105,11 +105,12 @@ def test_one_failing_sequence_never_touches_the_others(engine, tiny_model):
     (Before the fix one such fault failed every live sequence of the batch.)"""
     prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [20], [30, 31], [40, 41, 42], [50, 51], [60]]
     zero_bias = np.zeros(tiny_model.cfg.vocab_size, np.float32)
-    bad = {1: (Params(prompts[1], 8, temperature=float("nan")), None),
-           3: (Params(prompts[3], 8, temperature=1e-40), None),
-           4: (Params(prompts[4], 8, temperature=0.8, seed=4), nan_temperature),
+    # top_p 1 makes them sample: with neither top-k nor top-p the backend decodes greedily
+    bad = {1: (Params(prompts[1], 8, temperature=float("nan"), top_p=1.0), None),
+           3: (Params(prompts[3], 8, temperature=1e-40, top_p=1.0), None),
+           4: (Params(prompts[4], 8, temperature=0.8, top_p=1.0, seed=4), nan_temperature),
            5: (Params(prompts[5], 8, embedding_bias=zero_bias.copy()), nan_bias),
-           7: (Params(prompts[7], 8, temperature=0.8, seed=7), client_gone)}
+           7: (Params(prompts[7], 8, temperature=0.8, top_p=1.0, seed=7), client_gone)}
     params = [bad[i][0] if i in bad else Params(p, 8) for i, p in enumerate(prompts)]
     sinks = [ListSink(bad[i][1] if i in bad else None) for i in range(len(prompts))]
     sched = run(engine, params, sinks)

@@ -136,12 +136,13 @@ def test_32_streams_with_cancellations_and_malformed_requests(tiny_ckpt, tiny_mo
         def want(k: int, n: int) -> list[int]:
             return (sampled[k] if k in sampled else greedy[k])[:n]
 
-        def sampling(k: int) -> dict:
-            return dict(temperature=0.9, seed=10 + k) if k in sampled else {}
+        def sampling(k: int, top_p: str = "top_p") -> dict:
+            # top-p 1 sent: with neither top-k nor top-p the backend decodes greedily
+            return {"temperature": 0.9, "seed": 10 + k, top_p: 1.0} if k in sampled else {}
 
         for i in range(12):  # straight to tensorrt_llm, greedy and sampled, streamed and not
             k = i % 8
-            good[i] = ("ids", (lambda i=i, k=k: query_ids(url, ids[k], n[i], stream=i % 3 == 0, **sampling(k))),
+            good[i] = ("ids", (lambda i=i, k=k: query_ids(url, ids[k], n[i], stream=i % 3 == 0, **sampling(k, "runtime_top_p"))),
                        want(k, n[i]))
         for i in range(12, 20):  # text through the ensemble and the BLS, odd Unicode prompts included
             k, model = i % 8, "ensemble" if i < 16 else "tensorrt_llm_bls"
