@@ -16,7 +16,6 @@ p50/p90/p99/mean in ms; output tokens/s (all tokens / wall time of the level) an
 """
 from __future__ import annotations
 
-import json
 import queue
 import random
 import threading
