@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 from pathlib import Path
 
 from grok_deploy.errors import UserError
@@ -76,3 +77,13 @@ def train_tiny_tokenizer(vocab_size: int, seed: int) -> bytes:
         max_sentence_length=4096, hard_vocab_limit=False,
     )
     return out.getvalue()
+
+
+def fit_context(ids: list[int], context: int, what: str, echo=None) -> list[int]:
+    """Left-truncate a prompt longer than the context, as the original runner does, with a warning."""
+    if len(ids) <= context:
+        return ids
+    msg = (f"warning: {what} is {len(ids)} tokens, longer than the context of {context}; "
+           f"keeping its last {context} tokens, as the original does")
+    (echo or (lambda m: print(m, file=sys.stderr)))(msg)
+    return ids[-context:]

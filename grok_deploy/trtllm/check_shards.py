@@ -12,7 +12,6 @@ files hold), which must agree to float32 rounding; what quantisation changed is 
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -50,12 +49,6 @@ def audit_layout(header: dict, specs, file: str) -> list[dict]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(entry, job: dict, world: int, timeout: float) -> None:
     import multiprocessing
 
@@ -84,7 +77,7 @@ def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: 
     the prompt and generates nothing. `launch(job, world, timeout)` starts the rank processes
     (default: local processes; trtllm.mpi.mpirun_launcher: under mpirun with a hostfile)."""
     from grok_deploy.checkpoint import open_checkpoint
-    from grok_deploy.model.tokenizer import load_tokenizer
+    from grok_deploy.model.tokenizer import fit_context, load_tokenizer
     from grok_deploy.trtllm.check_stream import check_streamed
     from grok_deploy.trtllm.convert import rank_specs, requantized_parts
     from grok_deploy.trtllm.safetensors_writer import read_header
@@ -106,7 +99,7 @@ def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: 
     prompt_ids = load_tokenizer(ckpt.tokenizer_path).encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt encodes to no tokens; give a non-empty prompt")
-    prompt_ids = prompt_ids[-cfg.sequence_len:]
+    prompt_ids = fit_context(prompt_ids, cfg.sequence_len, "--prompt")
     layout = [p for r in range(m.world)
               for p in audit_layout(headers[r], rank_specs(cfg, m, r, quant, config["dtype"]), tn.rank_file(r))]
     if layout:  # names, shapes or dtypes wrong: the values cannot be read as this layout

@@ -19,6 +19,7 @@ All three run on the prompt, teacher-forced (one causal pass, no KV cache).
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -369,6 +370,6 @@ def check_streamed(trtllm_dir: Path, ckpt, config: dict, m: Mapping, quant: str,
 
 
 def _free_port() -> int:
-    from grok_deploy.trtllm.check_shards import _free_port as free
-
-    return free()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -100,8 +100,8 @@ def score_prompts(cfg, url: str, source, tol: Tolerances, ties: bool, echo=None)
     """verify.mode score: the server generates first, then the streamed reference scores prompt +
     served tokens of all prompts in one pass; the rule is applied at every position."""
     from grok_deploy.checkpoint import open_checkpoint
-    from grok_deploy.model.tokenizer import load_tokenizer
-    from grok_deploy.verify.score import fit_context, score
+    from grok_deploy.model.tokenizer import fit_context, load_tokenizer
+    from grok_deploy.verify.score import score
 
     ckpt = open_checkpoint(source, preset=cfg.model.preset)
     tok = load_tokenizer(ckpt.tokenizer_path)

@@ -28,7 +28,7 @@ def run_reference(source, out, prompts: list[str], max_tokens: int, dtype: str =
 
     ckpt = open_checkpoint(source, preset=preset)
     tok = load_tokenizer(ckpt.tokenizer_path)
-    from grok_deploy.verify.score import fit_context
+    from grok_deploy.model.tokenizer import fit_context
 
     ids = [fit_context(tok.encode(p), ckpt.config.sequence_len, f"verify.prompts.{i}") for i, p in enumerate(prompts)]
     for text, p in zip(prompts, ids):
@@ -110,7 +110,7 @@ def cli_generate(args) -> int:
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         raise UserError("--prompt encodes to no tokens; give a non-empty prompt")
-    from grok_deploy.verify.score import fit_context
+    from grok_deploy.model.tokenizer import fit_context
 
     context = ckpt.config.sequence_len
     if args.max_tokens >= context:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 
 import numpy as np
@@ -22,16 +21,6 @@ from grok_deploy.verify.reference import TOP_K
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 GB = 1e9
-
-
-def fit_context(ids: list[int], context: int, what: str, echo=None) -> list[int]:
-    """Left-truncate a prompt longer than the context, as the original runner does, with a warning."""
-    if len(ids) <= context:
-        return ids
-    msg = (f"warning: {what} is {len(ids)} tokens, longer than the context of {context}; "
-           f"keeping its last {context} tokens, as the original does")
-    (echo or (lambda m: print(m, file=sys.stderr)))(msg)
-    return ids[-context:]
 
 
 def score(source, prompt_ids: list[list[int]], served_ids: list[list[int]], dtype: str = "float32",

@@ -152,3 +152,17 @@ def test_layout_audit_names_each_tensor():
         {"file": "rank0.safetensors", "tensor": "s", "problem": "missing"},
         {"file": "rank0.safetensors", "tensor": "w", "problem": "F32 [2, 3], expected I8 [2, 3]"},
         {"file": "rank0.safetensors", "tensor": "x", "problem": "unexpected tensor"}]
+
+
+@pytest.mark.timeout(180)
+def test_prompt_longer_than_the_context_is_left_truncated_with_a_warning(tmp_path, capsys):
+    from grok_deploy.checkpoint.tiny import make_tiny
+
+    short = GrokConfig.from_name("grok-1-tiny", num_layers=2, sequence_len=24)
+    ckpt = make_tiny(tmp_path / "ckpt", short, seed=5, progress=False)
+    out = tmp_path / "trt"
+    convert(ckpt, out, tp=2, quant="none", dtype="float32", progress=False, workers=1, preset=short)
+    res = check_shards(out, ckpt, " ".join([PROMPT] * 4), timeout=150, preset=short)
+    err = capsys.readouterr().err
+    assert "warning: --prompt is" in err and "longer than the context of 24; keeping its last 24 tokens" in err
+    assert res["ok"] and len(res["prompt_ids"]) == 24

@@ -153,7 +153,7 @@ def test_float32_multipliers_are_exact_and_bf16_rounds_them(tiny_ckpt):
 
 
 def test_long_prompt_is_left_truncated_with_a_warning(capsys):
-    from grok_deploy.verify.score import fit_context
+    from grok_deploy.model.tokenizer import fit_context
 
     assert fit_context(list(range(10)), 4, "verify.prompts.0") == [6, 7, 8, 9]
     assert "verify.prompts.0 is 10 tokens, longer than the context of 4; keeping its last 4" in capsys.readouterr().err
