@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from proc_rss import tree_rss  # bench/ is on sys.path when a script here runs
+
 CFG = dict(name="grok-1-layer", vocab_size=1024, emb_size=6144, key_size=128, num_q_heads=48,
            num_kv_heads=8, num_layers=1, widening_factor=8)
 CHILD = r"""
@@ -62,31 +64,6 @@ def make_layer(root: Path) -> int:
     return sum(p.stat().st_size for p in (root / "ckpt-0").iterdir())
 
 
-def _tree_rss(pid: int) -> tuple[int, int]:
-    """(sum, max) of VmRSS over pid and its descendants, in bytes."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-                kids.setdefault(ppid, []).append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    total = biggest = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += kids.get(p, [])
-        try:
-            for line in open(f"/proc/{p}/status"):
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                    total, biggest = total + rss, max(biggest, rss)
-        except OSError:
-            pass
-    return total, biggest
-
-
 def _sha256_speed() -> float:
     """Single-core sha256 throughput of this machine, bytes/s."""
     import hashlib
@@ -110,7 +87,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, str, float]:
 
     def sample():
         while not done.is_set():
-            s, b = _tree_rss(proc.pid)
+            s, b = tree_rss(proc.pid)
             peak[0], peak[1] = max(peak[0], s), max(peak[1], b)
             time.sleep(0.05)
     th = threading.Thread(target=sample, daemon=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from proc_rss import tree_rss  # bench/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(name="grok-1-2layers", vocab_size=131072, emb_size=6144, key_size=128, num_q_heads=48,
@@ -104,29 +105,6 @@ else:
 """
 
 
-def tree_rss(pid: int) -> int:
-    """Sum of VmRSS over pid and its descendants, in bytes."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-                kids.setdefault(ppid, []).append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += kids.get(p, [])
-        try:
-            for line in open(f"/proc/{p}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
 def run_child(code: str, arg: dict) -> tuple[dict, int, float]:
     """Run a child python; returns (its JSON line, peak tree RSS sampled every 0.2 s, seconds)."""
     t0 = time.perf_counter()
@@ -135,7 +113,7 @@ def run_child(code: str, arg: dict) -> tuple[dict, int, float]:
 
     def sample():
         while p.poll() is None:
-            peak[0] = max(peak[0], tree_rss(p.pid))
+            peak[0] = max(peak[0], tree_rss(p.pid)[0])
             time.sleep(0.2)
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -158,7 +136,7 @@ def main() -> int:
     if args.smoke:
         CFG.update(vocab_size=4096, emb_size=512, num_q_heads=8, num_kv_heads=8, key_size=64)
     sys.path.insert(0, str(ROOT))
-    from grok_deploy.model.config import PRESETS, GrokConfig
+    from grok_deploy.model.config import PRESETS
     from grok_deploy.pipeline.schema import load_pipeline
     from grok_deploy.verify.score import prompt_tokens_guess, score_estimate
 
