@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,17 @@ else:
 """
 
 
+def drop_caches() -> str:
+    """Empty the page cache (root on Linux), so the passes read the files from disk as they must at
+    full size, where 330 GB of rank files cannot stay cached; else say that the figures are warm."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "cold page cache"
+    except OSError:
+        return "warm page cache (cannot drop it here: figures are optimistic)"
+
+
 def run_child(code: str, arg: dict) -> tuple[dict, int, float]:
     """Run a child python; returns (its JSON line, peak tree RSS sampled every 0.2 s, seconds)."""
     t0 = time.perf_counter()
@@ -125,6 +137,13 @@ def run_child(code: str, arg: dict) -> tuple[dict, int, float]:
     return (json.loads(lines[-1]) if lines else {}), peak[0], time.perf_counter() - t0
 
 
+def against_plan(what: str, bench64: float, plan: dict, extra: str = "") -> None:
+    """The bench's 64-layer extrapolation beside plan's estimate (target: within 30%)."""
+    print(f"{what}, 64 layers: bench extrapolation {bench64 / 60:.1f} min{extra}; plan's estimate "
+          f"{plan['seconds'] / 60:.1f} min (ratio {plan['seconds'] / bench64:.2f}), plan's peak "
+          f"{plan['peak_bytes'] / GB:.2f} GB", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=tempfile.gettempdir())
@@ -132,12 +151,18 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a small width, to try the script itself")
+    ap.add_argument("--make", metavar="DIR", help=argparse.SUPPRESS)  # the checkpoint only (a child of the bench)
     args = ap.parse_args()
     if args.smoke:
         CFG.update(vocab_size=4096, emb_size=512, num_q_heads=8, num_kv_heads=8, key_size=64)
     sys.path.insert(0, str(ROOT))
+    if args.make:
+        make_checkpoint(Path(args.make))
+        return 0
     from grok_deploy.model.config import PRESETS
     from grok_deploy.pipeline.schema import load_pipeline
+    from grok_deploy.trtllm.check_shards import check_estimate
+    from grok_deploy.trtllm.shard import Mapping
     from grok_deploy.verify.score import prompt_tokens_guess, score_estimate
 
     pipe = load_pipeline(ROOT / "pipelines" / "grok-1-h100x8.yaml")
@@ -145,8 +170,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="verify-fullsize-", dir=args.dir))
     try:
         t0 = time.perf_counter()
-        size = make_checkpoint(work / "src")
+        # in a child: this process stays small, and the children's ru_maxrss (which Linux carries
+        # over from the forking process's resident set) measures only them
+        subprocess.run([sys.executable, __file__, "--make", str(work / "src")] + (["--smoke"] if args.smoke else []),
+                       check=True)
+        size = sum(p.stat().st_size for p in (work / "src" / "ckpt-0").iterdir())
         print(f"checkpoint: {size / GB:.2f} GB in {time.perf_counter() - t0:.0f} s ({work / 'src'})", flush=True)
+        print(f"score: {drop_caches()}", flush=True)
         sc, sc_peak, sc_wall = run_child(SCORE, {"ckpt": str(work / "src"), "cfg": CFG, "tokens": tokens,
                                                  "served": SERVED, "dtype": args.dtype})
         per_layer = sum(sc["layer_seconds"]) / len(sc["layer_seconds"])
@@ -157,30 +187,35 @@ def main() -> int:
               f"peak RSS {sc['peak_rss_bytes'] / GB:.2f} GB (sampled {sc_peak / GB:.2f} GB), "
               f"{per_layer:.1f} s and {sc['layer_bytes'][0] / GB:.2f} GB read per layer, "
               f"embedding+unembedding {rest:.1f} s, wall {sc_wall:.0f} s", flush=True)
-        print(f"score, 64 layers: bench extrapolation {bench64 / 60:.1f} min, {64 * sc['layer_bytes'][0] / GB:.0f} GB read; "
-              f"plan's estimate {est['seconds'] / 60:.1f} min (ratio {est['seconds'] / bench64:.2f}), "
-              f"plan's peak {est['peak_bytes'] / GB:.2f} GB", flush=True)
+        against_plan("score", bench64, est, f", {64 * sc['layer_bytes'][0] / GB:.0f} GB read")
         if args.skip_check:
             return 0
         _, conv_peak, conv_wall = run_child(CHECK, {"ckpt": str(work / "src"), "out": str(work / "trt"), "cfg": CFG,
                                                     "convert": True, "prompt": ""})
         print(f"convert tp 8 w8a16: {conv_wall:.0f} s, peak RSS {conv_peak / GB:.2f} GB", flush=True)
         shutil.rmtree(work / "src" / "unused", ignore_errors=True)
-        ck, ck_peak, ck_wall = run_child(CHECK, {"ckpt": str(work / "src"), "out": str(work / "trt"), "cfg": CFG,
+        print(f"check-shards: {drop_caches()}", flush=True)
+        ck, ck_peak, _ = run_child(CHECK, {"ckpt": str(work / "src"), "out": str(work / "trt"), "cfg": CFG,
                                                  "convert": False, "prompt": pipe.verify.shards_prompt})
         st = ck["stats"]
-        eff = sum(st["effective_layer_seconds"]) / len(st["effective_layer_seconds"])
-        rank_layer = sum(st["rank_layer_seconds"]) / len(st["rank_layer_seconds"])
-        per_layer_ck = (ck["seconds"] - 0) / CFG["num_layers"]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        parts = {"audit": mean(st["audit_layer_seconds"]), "source": mean(st["source_layer_seconds"]),
+                 "effective": mean(st["effective_layer_seconds"]), "ranks": mean(st["rank_layer_seconds"])}
+        layer_ck = sum(parts.values())
+        fixed = ck["seconds"] - CFG["num_layers"] * layer_ck  # embedding, lm_head, process starts
+        ck64 = fixed + 64 * layer_ck
+        plan_ck = check_estimate(PRESETS["grok-1"], Mapping(8), "w8a16")
         print(f"check-shards tp 8: ok {ck['ok']}, max |logit diff| {ck['max_abs_logit_diff']:.2e} (tolerance "
               f"{ck['tolerance']:.1e}), quantisation logit change {ck['quantization']['logit_change']:.3e}, "
               f"max rel weight error {ck['quantization']['max_rel_weight_error']:.2e}", flush=True)
         print(f"check-shards: peak RSS of all processes together {ck_peak / GB:.2f} GB (sampled); ranks "
               f"{max(st['rank_peak_rss_bytes']) / GB:.2f} GB each at most, sum {sum(st['rank_peak_rss_bytes']) / GB:.2f} GB; "
-              f"audit {st['audit_seconds']:.0f} s, effective-weights reference {eff:.1f} s/layer, ranks {rank_layer:.1f} s/layer, "
-              f"{sum(st['rank_bytes_read']) / CFG['num_layers'] / GB:.2f} GB read by the ranks per layer; total {ck['seconds']:.0f} s "
-              f"-> 64 layers ~{64 * per_layer_ck / 3600:.1f} h", flush=True)
+              f"per layer: {', '.join(f'{k} {v:.1f} s' for k, v in parts.items())} = {layer_ck:.1f} s, "
+              f"{sum(st['rank_bytes_read']) / CFG['num_layers'] / GB:.2f} GB read by the ranks; "
+              f"embedding, lm_head and starts {fixed:.0f} s; total {ck['seconds']:.0f} s", flush=True)
+        against_plan("check-shards", ck64, plan_ck)
         print(json.dumps({"score": sc, "score_sampled_peak": sc_peak, "plan": est, "check": ck, "check_peak": ck_peak,
+                          "plan_check": plan_ck, "check_64_layers_seconds": ck64,
                           "convert_seconds": conv_wall, "convert_peak": conv_peak}))
     finally:
         if not args.keep:

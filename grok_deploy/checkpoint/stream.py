@@ -14,6 +14,7 @@ from torch import Tensor
 
 from grok_deploy.model import names
 from grok_deploy.model.grok import LEAF_TO_ATTR
+from grok_deploy.model.quantized import QuantizedMatrix, over_array
 
 EXPERT_LEAVES = ("moe/linear/w", "moe/linear_v/w", "moe/linear_1/w")  # w (gate), v (up), o (down)
 FLOAT32_ATTRS = {"norm0", "norm1", "norm2", "norm3", "router"}       # kept f32, as the original
@@ -31,11 +32,18 @@ class StreamedLayer:
             t = torch.from_numpy(source.read(names.layer_path(layer, leaf)))
             setattr(self, attr, t if attr in FLOAT32_ATTRS else t.to(dtype))
 
-    def expert(self, e: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(w, v, o) of expert e: (D, F), (D, F), (F, D) in the compute dtype."""
+    def expert(self, e: int) -> tuple:
+        """(w, v, o) of expert e: (D, F), (D, F), (F, D). The release's int8 matrices stay codes x
+        scales over the file's pages (model.quantized: dequantised a block of rows at a time as
+        they are multiplied); float sources give tensors in the compute dtype."""
         out = []
         for leaf in EXPERT_LEAVES:
-            a = self._src.read_expert(names.layer_path(self._layer, leaf), e)
+            name = names.layer_path(self._layer, leaf)
+            raw = self._src.read_expert_codes(name, e)
+            if raw is not None:
+                out.append(QuantizedMatrix(*raw, dtype=self._dtype))
+                continue
+            a = self._src.read_expert(name, e)
             out.append(torch.from_numpy(a).to(self._dtype))  # f32 -> dtype, then the f32 copy is freed
             del a
         return tuple(out)
@@ -57,6 +65,17 @@ class CheckpointSource:
     def read_expert(self, name: str, e: int) -> np.ndarray:
         self.bytes_read += self._stored[name] // self.config.num_experts
         return self.ckpt.read_expert(name, e)
+
+    def read_expert_codes(self, name: str, e: int) -> tuple[Tensor, Tensor] | None:
+        """(int8 codes over a memory map, float32 scales) of expert e of a quantised leaf of the
+        official format; None for other leaves and formats."""
+        if self.ckpt.format != "xai":
+            return None
+        raw = self.ckpt.read_raw(name)
+        if not hasattr(raw, "scales"):
+            return None
+        self.bytes_read += self._stored[name] // self.config.num_experts
+        return over_array(raw.weight[e]), torch.from_numpy(np.asarray(raw.scales[e], np.float32))
 
     def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         self.bytes_read += self._stored[name] * (hi - lo) // self.config.vocab_size

@@ -214,6 +214,17 @@ def verify_estimate(cfg: PipelineConfig) -> dict:
     return {"mode": mode, "why": why, "prompts": len(tokens), "max_tokens": v.max_tokens, **est}
 
 
+def check_shards_estimate(cfg: PipelineConfig) -> dict | None:
+    """Peak host memory and time of the streamed check-shards stage; None when it is off."""
+    from grok_deploy.trtllm.check_shards import check_estimate
+    from grok_deploy.trtllm.shard import Mapping
+
+    if not cfg.verify.check_shards:
+        return None
+    p = cfg.parallel
+    return check_estimate(cfg.grok, Mapping(p.tp, p.pp, p.moe_tp, p.moe_ep), cfg.quantization)
+
+
 def plan_doc(cfg: PipelineConfig) -> dict:
     from grok_deploy.pipeline.runner import schedule
 
@@ -235,7 +246,8 @@ def plan_doc(cfg: PipelineConfig) -> dict:
                     "output": str(d.out) if d.out else None, "fingerprint": d.fingerprint} for d in decisions],
         "commands": commands(cfg),
         "memory_per_gpu_bytes": mem["total_bytes"], "memory": mem, "fits": mem["fits"], "verdict": mem["verdict"],
-        "roofline": roof, "verify": verify_estimate(cfg), "warnings": warnings,
+        "roofline": roof, "verify": verify_estimate(cfg), "check_shards": check_shards_estimate(cfg),
+        "warnings": warnings,
     }
 
 
@@ -265,8 +277,16 @@ def render(doc: dict, cfg: PipelineConfig) -> str:
               f"host memory, ~{_duration(v['seconds'])} for {v['prompts']} prompts x {v['max_tokens']} tokens"
               + (f" ({v['seconds_per_layer']:.1f} s and {v['bytes_per_layer'] / 1e9:.2f} GB read per layer)"
                  if v["mode"] == "score" else "")]
+    c = doc["check_shards"]
+    if c:
+        lines.append(f"check-shards: {c['processes']} processes, peak ~{c['peak_bytes'] / 1e9:.1f} GB host memory "
+                     f"together, ~{_duration(c['seconds'])} ({_size(c['bytes_read'])} read)")
     lines += [f"warning: {w}" for w in doc["warnings"]]
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.0f} GB" if n >= 1e10 else f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def _duration(seconds: float) -> str:

@@ -2,7 +2,8 @@
 
 The work is trtllm/check_stream.py (layer-streamed, bounded memory: one expert at a time, one
 gloo process per rank reading only its own file). This module keeps the stage entry, the CLI,
-the rank-file layout audit and the per-element tolerance of a rank tensor against the source:
+the rank-file layout audit, the estimate `plan` prints (torch-free) and the per-element tolerance
+of a rank tensor against the source:
 - 0 where the values are the source's (float32 copies, the release's int8 codes and scales);
 - the dtype's rounding where a value is cast (bf16 2^-8, f16 2^-11 relative);
 - half a step of the stored per-channel scale (x 1.01) where the codes were requantised.
@@ -25,14 +26,15 @@ from grok_deploy.trtllm.shard import Mapping
 DTYPE_RTOL = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
-def _tolerance(name, part, exp, scales, quant, dtype, requantized) -> np.ndarray:
-    """Allowed |rank value - source value| per element."""
+def _tolerance(name, part, exp, scales, quant, dtype, requantized) -> np.ndarray | float:
+    """Allowed |rank value - source value|: per element, or broadcastable ((1, N): per column),
+    or one number (0: the values must be the source's exactly)."""
     if part and quant == "w8a16" and part in requantized:
-        return 0.5 * 1.01 * scales[name][..., None, :].numpy()  # half a step of the stored scale
+        return 0.5 * 1.01 * np.asarray(scales[name])[..., None, :]  # half a step of the stored scale
     if part and quant == "w8a16":  # the release's codes; scales exact in bf16 and f32
-        return np.abs(exp) * (DTYPE_RTOL["float16"] if dtype == "float16" else 0.0)
-    if name.endswith(tn.ROUTER):
-        return np.zeros_like(exp)  # float32 always
+        return np.abs(exp) * DTYPE_RTOL["float16"] if dtype == "float16" else 0.0
+    if name.endswith(tn.ROUTER) or dtype == "float32":
+        return 0.0  # float32 copies
     return np.abs(exp) * DTYPE_RTOL[dtype] + (6e-8 if dtype == "float16" else 0.0)  # f16 subnormals
 
 
@@ -67,14 +69,48 @@ def _spawn(entry, job: dict, world: int, timeout: float) -> None:
             raise RuntimeError(f"check-shards: the {world} rank processes did not finish within {timeout:.0f} s")
 
 
+# --- the estimate `plan` prints ---------------------------------------------------------------------
+
+# Measured by bench/verify_fullsize.py (Grok-1 width, 2 layers, tp 8 W8A16, the 13-token shards
+# prompt) on this project's 2-core host, quiet, page cache emptied first: per layer the audit
+# 21.6 s, the reference passes 8.1 s (source) and 15.2 s (effective weights), the ranks 8.3 s; the
+# embedding, lm_head and process starts 70 s; 6.7 GB for all processes together, each rank 0.85 GB
+# (~0.25 GB plus its lm_head slice, bf16 read and f32 copy, at the final logits).
+AUDIT_BPS = 0.45e9     # bytes of source + rank files compared per second (mostly reading them)
+PASS_BPS = 0.42e9      # a reference pass (source, effective weights): stored layer bytes per second
+RANKS_BPS = 0.6e9      # the rank processes together (their slices add up to one layer)
+START_S = 1.5         # starting a process that imports torch (2 cores)
+RANK_BASE = 0.25e9     # a rank process: interpreter, torch, gloo, one expert slice
+
+
+def check_estimate(cfg, m: Mapping, quant: str) -> dict:
+    """Peak host memory (all processes together) and time of the streamed check of a TensorRT-LLM
+    checkpoint of `cfg` (a GrokConfig) sharded as `m`, on the 13-token shards prompt (pure; no
+    files, no torch: `plan` prints it)."""
+    d, f, e, v = cfg.emb_size, cfg.ffn_size, cfg.num_experts, cfg.vocab_size
+    w = 1 if quant == "w8a16" else 2  # bytes per stored matrix weight in the rank files
+    layer = e * 3 * d * f + 2 * cfg.q_size * d + 2 * cfg.kv_size * d  # int8 source bytes of a layer
+    emb_src, emb_rank = v * d * 4, v * d * 2                       # f32 in the release, bf16 copies
+    audited = cfg.num_layers * layer * (1 + w) + emb_src + (m.tp + 1) * emb_rank
+    ranks = cfg.num_layers * layer * w / RANKS_BPS + emb_rank / RANKS_BPS + START_S * m.world
+    seconds = (audited / AUDIT_BPS + cfg.num_layers * layer * 2 / PASS_BPS + ranks
+               + 4 * emb_src / PASS_BPS + START_S)  # two logits passes over the table
+    lm_slice = v // m.tp * d * 6  # a rank's lm_head slice: bf16 read + f32 copy
+    parent = 0.5e9 + 3 * d * f * (1 + w) + 8192 * d * 4 * 3  # an expert's source + rank bytes, row blocks
+    return {"processes": m.world + 1, "peak_bytes": int(max(parent, 0.3e9 + m.world * (RANK_BASE + lm_slice))),
+            "seconds": seconds, "ranks_seconds": ranks, "bytes_read": int(audited + cfg.num_layers * layer * (2 + w) + 4 * emb_src)}
+
+
 # --- the stage -------------------------------------------------------------------------------------------
 
-def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: float = 300.0,
+def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: float | None = None,
                  preset: str | None = None, launch=None) -> dict:
     """Check the rank files of `trtllm_dir` against the source checkpoint `source`, streamed layer
     by layer (check_stream.py), on the prompt. Returns the result; result["ok"] is False on any
     mismatch. `max_tokens` is kept for the CLI's compatibility: the check is teacher-forced on
-    the prompt and generates nothing. `launch(job, world, timeout)` starts the rank processes
+    the prompt and generates nothing. `timeout`: seconds the rank processes may take (default: 300 s
+    plus three times check_estimate's figure for them, ~10 min at Grok-1's size on 2
+    cores). `launch(job, world, timeout)` starts the rank processes
     (default: local processes; trtllm.mpi.mpirun_launcher: under mpirun with a hostfile)."""
     from grok_deploy.checkpoint import open_checkpoint
     from grok_deploy.model.tokenizer import fit_context, load_tokenizer
@@ -105,6 +141,8 @@ def check_shards(trtllm_dir, source, prompt: str, max_tokens: int = 8, timeout: 
     if layout:  # names, shapes or dtypes wrong: the values cannot be read as this layout
         return {"world_size": m.world, "ok": False, "tokens_match": False, "max_abs_logit_diff": float("nan"),
                 "tolerance": 0.0, "tensor_mismatches": layout, "mapping": m.to_dict(), "quant": quant}
+    if timeout is None:
+        timeout = 300.0 + 3 * check_estimate(cfg, m, quant)["ranks_seconds"]
     spawn = _spawn if launch is None else (lambda entry, job, world, t: launch(job, world, t))
     return check_streamed(trtllm_dir, ckpt, config, m, quant, prompt_ids,
                           requantized_parts(cfg, m, quant, ckpt.format), timeout, spawn)

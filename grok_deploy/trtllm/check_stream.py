@@ -23,6 +23,7 @@ import socket
 import tempfile
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from grok_deploy.model import names
 from grok_deploy.model.config import GrokConfig
+from grok_deploy.model.quantized import ColumnConcat, QuantizedMatrix, RowConcat, columns, over_array
 from grok_deploy.trtllm import names as tn
 from grok_deploy.trtllm import shard
 from grok_deploy.trtllm.shard import Mapping
@@ -45,37 +47,57 @@ BRANCH_TENSORS = {"attention": f"{tn.QKV}, {tn.DENSE}", "moe": f"{tn.ROUTER}, {t
 
 class RankFiles:
     """Tensors of the rank files as float32 in load_rank's layout ([in, out], experts first,
-    W8A16 dequantised as codes x per-channel scale), read only when asked for."""
+    W8A16 dequantised as codes x per-channel scale), read only when asked for; `raw` gives them
+    as stored."""
 
     def __init__(self, root: Path, quant: str):
         self.root, self.quant, self.bytes_read = Path(root), quant, 0
+        self._keys: dict[int, set[str]] = {}
 
-    def get(self, rank: int, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor `name` of rank `rank`; `index`: one expert of a stacked tensor; `rows`: a row range."""
+    def _open(self, rank: int):
         from safetensors import safe_open
 
-        with safe_open(str(self.root / tn.rank_file(rank)), framework="pt") as f:
+        return safe_open(str(self.root / tn.rank_file(rank)), framework="pt")
+
+    def keys(self, rank: int) -> set[str]:
+        if rank not in self._keys:
+            with self._open(rank) as f:
+                self._keys[rank] = set(f.keys())
+        return self._keys[rank]
+
+    def raw(self, rank: int, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` of rank `rank` as stored (dtype, layout); `index`: one expert of a stacked
+        tensor; `rows`: a row range."""
+        with self._open(rank) as f:
             sl = f.get_slice(name)
             t = sl[index] if index is not None else sl[rows[0]:rows[1]] if rows else sl[:]
-            self.bytes_read += t.numel() * t.element_size()
-            base = name[: -len(tn.WEIGHT)] if name.endswith(tn.WEIGHT) else None
-            if base is not None and base + tn.SCALE in f.keys():
-                s = f.get_slice(base + tn.SCALE)
-                s = (s[index] if index is not None else s[:]).float()
-                return t.float() * s[..., None, :]
-            if base is not None and self.quant == "none" and any(name.endswith(p + tn.WEIGHT) for p in tn.MATRICES):
-                return t.float().transpose(-1, -2).contiguous()  # TensorRT-LLM's [out, in]
-            return t.float()
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def get(self, rank: int, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` of rank `rank` as float32 values; `index`, `rows` as in `raw`."""
+        t = self.raw(rank, name, index, rows)
+        base = name[: -len(tn.WEIGHT)] if name.endswith(tn.WEIGHT) else None
+        if base is not None and base + tn.SCALE in self.keys(rank):
+            s = self.scale(rank, name, index)
+            return t.float().mul_(s[..., None, :])
+        if base is not None and self.quant == "none" and any(name.endswith(p + tn.WEIGHT) for p in tn.MATRICES):
+            return t.float().transpose(-1, -2).contiguous()  # TensorRT-LLM's [out, in]
+        return t.float()
+
+    def matrix(self, rank: int, name: str, index: int | None = None, dtype: torch.dtype = torch.float32):
+        """A weight matrix [in, out] (one expert's with `index`): W8A16 as codes x scales that are
+        dequantised a block of rows at a time as they are multiplied (model.quantized), else
+        float32 values."""
+        if self.quant == "w8a16":
+            return QuantizedMatrix(self.raw(rank, name, index), self.scale(rank, name, index), dtype)
+        return self.get(rank, name, index).to(dtype)
 
     def scale(self, rank: int, name: str, index: int | None = None) -> torch.Tensor | None:
-        from safetensors import safe_open
-
         key = name[: -len(tn.WEIGHT)] + tn.SCALE
-        with safe_open(str(self.root / tn.rank_file(rank)), framework="pt") as f:
-            if key not in f.keys():
-                return None
-            s = f.get_slice(key)
-            return (s[index] if index is not None else s[:]).float()
+        if key not in self.keys(rank):
+            return None
+        return self.raw(rank, key, index).float()
 
 
 def stage_ranks(m: Mapping, layer: int, num_layers: int) -> tuple[list[int], int]:
@@ -111,15 +133,16 @@ class EffectiveLayer:
         self.wo = torch.cat([files.get(r, name(tn.DENSE + tn.WEIGHT)) for r in ranks], 0).to(dtype)
 
     def expert(self, e: int):
-        """(w, v, o) of expert e from its moe_tp slices: fc = [linear_v_r | linear_r], proj rows."""
+        """(w, v, o) of expert e assembled from its moe_tp slices as the canonical matrices are cut:
+        fc_r = [linear_v_r | linear_r] side by side (ColumnConcat), proj_r stacked (RowConcat)."""
         tps, local = expert_ranks(self.m, e, self.cfg.num_experts)
-        fc = [self.files.get(self.stage[t], tn.layer_name(self.local, tn.FC + tn.WEIGHT), local) for t in tps]
+        fc = [self.files.matrix(self.stage[t], tn.layer_name(self.local, tn.FC + tn.WEIGHT), local, self.dtype)
+              for t in tps]
         half = fc[0].shape[-1] // 2
-        v = torch.cat([x[:, :half] for x in fc], 1).to(self.dtype)
-        w = torch.cat([x[:, half:] for x in fc], 1).to(self.dtype)
-        del fc
-        o = torch.cat([self.files.get(self.stage[t], tn.layer_name(self.local, tn.PROJ + tn.WEIGHT), local)
-                       for t in tps], 0).to(self.dtype)
+        v = ColumnConcat([columns(x, 0, half) for x in fc])
+        w = ColumnConcat([columns(x, half, 2 * half) for x in fc])
+        o = RowConcat([self.files.matrix(self.stage[t], tn.layer_name(self.local, tn.PROJ + tn.WEIGHT), local, self.dtype)
+                       for t in tps])
         return w, v, o
 
 
@@ -148,83 +171,172 @@ class EffectiveSource:
 
 # --- 1. the rank tensors against the source, streamed ---------------------------------------------
 
-def audit_streamed(ckpt, files: RankFiles, m: Mapping, quant: str, dtype: str, requantized: list[str]
-                   ) -> tuple[list[dict], list[dict]]:
-    """(problems, per-tensor weight error) of every rank tensor against the source, one layer and
-    one expert at a time. A problem names file, tensor and (MoE) experts, as check_shards.audit_rank."""
-    from grok_deploy.trtllm.check_shards import _tolerance
+class _Ledger:
+    """Problems and per-tensor weight error of the audit, keyed by (file, tensor)."""
 
-    cfg = ckpt.config
-    bad: dict[tuple[str, str], dict] = {}
-    err: dict[tuple[str, str], list[float]] = {}  # (file, tensor) -> [max abs, sum sq err, sum sq ref]
+    def __init__(self):
+        self.bad: dict[tuple[str, str], dict] = {}
+        self.err: dict[tuple[str, str], list[float]] = {}  # -> [max abs, sum sq err, sum sq ref]
 
-    def check(rank, name, got, exp, scale, expert=None):
-        exp = np.asarray(exp, np.float32)
-        got = got.numpy()
+    def add(self, rank: int, name: str, outcome: dict, expert: int | None = None) -> None:
         key = (tn.rank_file(rank), name)
-        if got.shape != exp.shape:
-            bad[key] = {"file": key[0], "tensor": name, "problem": f"shape {list(got.shape)}, expected {list(exp.shape)}"}
+        if "shape" in outcome:
+            self.bad[key] = {"file": key[0], "tensor": name, "problem": outcome["shape"]}
             return
-        part = next((p for p in tn.MATRICES if name.endswith(p + tn.WEIGHT)), None)
-        tol = _tolerance(name, part, exp, {name: scale} if scale is not None else {}, quant, dtype, requantized)
-        diff = np.abs(got - exp)
-        e = err.setdefault(key, [0.0, 0.0, 0.0])
-        e[0] = max(e[0], float(diff.max(initial=0.0)))
-        e[1] += float(np.vdot(diff.ravel(), diff.ravel()))  # no (K, N) float64 temporaries
-        e[2] += float(np.vdot(exp.ravel(), exp.ravel()))
-        if np.any(diff > tol):
-            rec = bad.setdefault(key, {"file": key[0], "tensor": name, "max_abs_diff": 0.0,
-                                       "problem": "values differ from what the source implies"})
-            rec["max_abs_diff"] = max(rec.get("max_abs_diff", 0.0), float(diff.max()))
+        e = self.err.setdefault(key, [0.0, 0.0, 0.0])
+        e[0] = max(e[0], outcome["max"])
+        e[1] += outcome["sq_err"]
+        e[2] += outcome["sq_ref"]
+        if outcome["over"]:
+            rec = self.bad.setdefault(key, {"file": key[0], "tensor": name, "max_abs_diff": 0.0,
+                                            "problem": "values differ from what the source implies"})
+            rec["max_abs_diff"] = max(rec.get("max_abs_diff", 0.0), outcome["max"])
             if expert is not None:
                 rec.setdefault("experts", []).append(expert)
+
+    def result(self) -> tuple[list[dict], list[dict]]:
+        errors = [{"file": f, "tensor": t, "max_abs_error": e[0],
+                   "rel_error": (e[1] / e[2]) ** 0.5 if e[2] else 0.0} for (f, t), e in self.err.items()]
+        return list(self.bad.values()), errors
+
+
+EXACT = {"max": 0.0, "sq_err": 0.0, "sq_ref": 0.0, "over": False}  # bit-identical to the source
+
+
+def _compare(name, got: torch.Tensor, exp, scale, quant, dtype, requantized) -> dict:
+    """One tensor (or expert, or row block) in float32 against its source values, within
+    check_shards._tolerance; `got` is consumed (its buffer holds the differences)."""
+    from grok_deploy.trtllm.check_shards import _tolerance
+
+    exp = torch.as_tensor(np.asarray(exp, np.float32))
+    if tuple(got.shape) != tuple(exp.shape):
+        return {"shape": f"shape {list(got.shape)}, expected {list(exp.shape)}"}
+    part = next((p for p in tn.MATRICES if name.endswith(p + tn.WEIGHT)), None)
+    tol = _tolerance(name, part, exp.numpy(), {name: scale} if scale is not None else {}, quant, dtype, requantized)
+    diff = got.sub_(exp).abs_()
+    over = bool((diff > torch.as_tensor(tol)).any()) if np.ndim(tol) else bool(diff.max() > float(tol))
+    return {"max": float(diff.max()) if diff.numel() else 0.0, "sq_err": float(torch.dot(diff.ravel(), diff.ravel())),
+            "sq_ref": float(torch.dot(exp.ravel(), exp.ravel())), "over": over}
+
+
+def audit_streamed(ckpt, files: RankFiles, m: Mapping, quant: str, dtype: str, requantized: list[str],
+                   layer_seconds: list | None = None) -> tuple[list[dict], list[dict]]:
+    """(problems, per-tensor weight error) of every rank tensor against the source, one layer and
+    one expert at a time. A problem names file, tensor and (MoE) experts; tensors are named as they are in the rank files.
+
+    Fast paths that decide the same as the float comparison, at a fraction of its cost at
+    Grok-1's width: the release's int8 codes kept by convert are compared as codes (bytes) and
+    their scales as scales (a column's values are q x s, so equal codes and equal scales are
+    equal values; the float comparison runs only where they differ, to measure by how much);
+    the replicated copies of a tensor on the other ranks are compared bytewise with the first
+    rank's, which alone is compared with the source."""
+    cfg = ckpt.config
+    ledger = _Ledger()
+    raw_codes = quant == "w8a16" and ckpt.format == "xai"
+
+    def check(rank, name, exp, scale=None, expert=None, index=None, rows=None, same_as=None):
+        """Rank `rank`'s tensor `name` (an expert `index`, a row range) against `exp`, a float
+        array or a callable giving it; `same_as`: (rank, outcome) of a replica already checked."""
+        if same_as is not None and torch.equal(files.raw(rank, name, index, rows), files.raw(same_as[0], name, index, rows)):
+            ledger.add(rank, name, same_as[1], expert)
+            return same_as[1]
+        out = _compare(name, files.get(rank, name, index, rows), exp() if callable(exp) else exp, scale,
+                       quant, dtype, requantized)
+        ledger.add(rank, name, out, expert)
+        return out
+
+    def check_codes(rank, name, exp_codes, exp_scale, values, index=None, expert=None):
+        """A W8A16 matrix whose codes convert copied: codes and scales compared as stored; the
+        float comparison (`values()`: the source's dequantised slice) only where either differs."""
+        got = files.raw(rank, name, index)
+        scale = files.scale(rank, name, index)
+        exp_codes = over_array(exp_codes)
+        exp_scale = torch.from_numpy(np.asarray(exp_scale, np.float32).reshape(-1))
+        if (got.shape == exp_codes.shape and torch.equal(got, exp_codes) and scale is not None
+                and scale.shape == exp_scale.shape and torch.equal(scale, exp_scale)):
+            ledger.add(rank, name, EXACT, expert)
+            return
+        check(rank, name, values, scale, expert, index)
 
     # global tensors, a block of vocabulary rows at a time
     per = cfg.vocab_size // m.tp
     for lo in range(0, cfg.vocab_size, 8192):
         hi = min(lo + 8192, cfg.vocab_size)
         src = ckpt.read_rows(names.EMBEDDING, lo, hi)
-        for r in range(m.tp):  # every rank of the first stage holds a whole copy
-            check(r, tn.VOCAB_EMBEDDING, files.get(r, tn.VOCAB_EMBEDDING, rows=(lo, hi)), src, None)
+        first = check(0, tn.VOCAB_EMBEDDING, src, rows=(lo, hi))
+        for r in range(1, m.tp):  # every rank of the first stage holds a whole copy
+            check(r, tn.VOCAB_EMBEDDING, src, rows=(lo, hi), same_as=(0, first))
         for t in range(m.tp):
             a, b = max(lo, t * per), min(hi, (t + 1) * per)
             if a < b:
                 r = (m.pp - 1) * m.tp + t
-                check(r, tn.LM_HEAD, files.get(r, tn.LM_HEAD, rows=(a - t * per, b - t * per)), src[a - lo:b - lo], None)
+                check(r, tn.LM_HEAD, src[a - lo:b - lo], rows=(a - t * per, b - t * per))
+    final = ckpt.read(names.FINAL_NORM)
     for t in range(m.tp):
-        r = (m.pp - 1) * m.tp + t
-        check(r, tn.LN_F, files.get(r, tn.LN_F), ckpt.read(names.FINAL_NORM), None)
+        check((m.pp - 1) * m.tp + t, tn.LN_F, final)
     for layer in range(cfg.num_layers):
+        t0 = time.perf_counter()
         ranks, local = stage_ranks(m, layer, cfg.num_layers)
+        path, name = partial(names.layer_path, layer), partial(tn.layer_name, local)
+        for part, src in tn.NORMS.items():
+            first = check(ranks[0], name(part), ckpt.read(path(src)))
+            for r in ranks[1:]:
+                check(r, name(part), lambda src=src, path=path: ckpt.read(path(src)), same_as=(ranks[0], first))
+        router = ckpt.read(path(tn.ROUTER_LEAF)).T
+        first = check(ranks[0], name(tn.ROUTER), router)
+        for r in ranks[1:]:
+            check(r, name(tn.ROUTER), router, same_as=(ranks[0], first))
+        del router
+        fast = {p: raw_codes and p not in requantized for p in tn.MATRICES}
 
-        def leaf(x):
-            return ckpt.read(names.layer_path(layer, x))
-        name = lambda part: tn.layer_name(local, part)  # noqa: E731
-        qkv_src = [leaf(x) for x in tn.MATRICES[tn.QKV]]
-        dense_src = leaf(tn.MATRICES[tn.DENSE][0])
+        def values(part, slicer, e=None, path=path):  # the source's dequantised values of a rank's slice
+            def get():
+                leaves = [ckpt.read(path(x)) if e is None else ckpt.read_expert(path(x), e) for x in tn.MATRICES[part]]
+                return slicer(*leaves)
+            return get
+
+        def raw(part, e=None, path=path):  # the release's (codes, scales) of each leaf of `part`
+            out = [ckpt.read_raw(path(x)) for x in tn.MATRICES[part]]
+            return [(q.weight, q.scales) if e is None else (q.weight[e], q.scales[e]) for q in out]
+
         for t, r in enumerate(ranks):
-            for part, src in tn.NORMS.items():
-                check(r, name(part), files.get(r, name(part)), leaf(src), None)
-            check(r, name(tn.ROUTER), files.get(r, name(tn.ROUTER)), leaf(tn.ROUTER_LEAF).T, None)
+            qkv = lambda *x, t=t: shard.fuse_qkv(*x, t, m.tp)  # noqa: E731
+            dense = lambda x, t=t: shard.split_rows(x, t, m.tp)  # noqa: E731
             n = name(tn.QKV + tn.WEIGHT)
-            check(r, n, files.get(r, n), shard.fuse_qkv(*qkv_src, t, m.tp), files.scale(r, n))
+            if fast[tn.QKV]:
+                (qw, qs), (kw, ks), (vw, vs) = raw(tn.QKV)
+                check_codes(r, n, qkv(qw, kw, vw), qkv(qs, ks, vs), values(tn.QKV, qkv))
+            else:
+                check(r, n, values(tn.QKV, qkv), files.scale(r, n))
             n = name(tn.DENSE + tn.WEIGHT)
-            check(r, n, files.get(r, n), shard.split_rows(dense_src, t, m.tp), files.scale(r, n))
-        del qkv_src, dense_src
+            if fast[tn.DENSE]:
+                ((w, s),) = raw(tn.DENSE)
+                block = shard.block_of_slice(w.shape[0], s.shape[0], t, m.tp)
+                check_codes(r, n, dense(w), s[block], values(tn.DENSE, dense))
+            else:
+                check(r, n, values(tn.DENSE, dense), files.scale(r, n))
         for e in range(cfg.num_experts):  # one expert's source matrices at a time
-            v, w, o = (ckpt.read_expert(names.layer_path(layer, x), e)
-                       for x in ("moe/linear_v/w", "moe/linear/w", "moe/linear_1/w"))
             tps, idx = expert_ranks(m, e, cfg.num_experts)
             for t in tps:
                 r, mt = ranks[t], m.moe_tp_rank(t)
+                fc = lambda v, w, mt=mt: shard.fuse_fc(v, w, mt, m.moe_tp)  # noqa: E731
+                proj = lambda o, mt=mt: shard.split_rows(o, mt, m.moe_tp)  # noqa: E731
                 n = name(tn.FC + tn.WEIGHT)
-                check(r, n, files.get(r, n, idx), shard.fuse_fc(v, w, mt, m.moe_tp), files.scale(r, n, idx), e)
+                if fast[tn.FC]:
+                    (vw, vs), (ww, ws) = raw(tn.FC, e)
+                    check_codes(r, n, fc(vw, ww), fc(vs, ws), values(tn.FC, fc, e), idx, e)
+                else:
+                    check(r, n, values(tn.FC, fc, e), files.scale(r, n, idx), e, idx)
                 n = name(tn.PROJ + tn.WEIGHT)
-                check(r, n, files.get(r, n, idx), shard.split_rows(o, mt, m.moe_tp), files.scale(r, n, idx), e)
-            del v, w, o
-    errors = [{"file": f, "tensor": t, "max_abs_error": e[0], "rel_error": (e[1] / e[2]) ** 0.5 if e[2] else 0.0}
-              for (f, t), e in err.items()]
-    return list(bad.values()), errors
+                if fast[tn.PROJ]:
+                    ((ow, os_),) = raw(tn.PROJ, e)
+                    block = shard.block_of_slice(ow.shape[0], os_.shape[0], mt, m.moe_tp)
+                    check_codes(r, n, proj(ow), os_[block], values(tn.PROJ, proj, e), idx, e)
+                else:
+                    check(r, n, values(tn.PROJ, proj, e), files.scale(r, n, idx), e, idx)
+        if layer_seconds is not None:
+            layer_seconds.append(time.perf_counter() - t0)
+    return ledger.result()
 
 
 # --- 2. the rank processes, one layer at a time ---------------------------------------------------
@@ -271,9 +383,9 @@ def _rank_layers_main(index: int, job: dict) -> None:
                 x = rms_norm(h, files.get(rank, p + "post_layernorm.weight"), eps).reshape(n, d)
 
                 def expert(e, p=p):  # this rank's moe_tp slice of expert e, read now, dropped after
-                    fc = files.get(rank, p + tn.FC + tn.WEIGHT, e - first)  # (D, 2 F_r): [linear_v | linear]
+                    fc = files.matrix(rank, p + tn.FC + tn.WEIGHT, e - first)  # (D, 2 F_r): [linear_v | linear]
                     half = fc.shape[-1] // 2
-                    return fc[:, half:], fc[:, :half], files.get(rank, p + tn.PROJ + tn.WEIGHT, e - first)
+                    return columns(fc, half, 2 * half), columns(fc, 0, half), files.matrix(rank, p + tn.PROJ + tn.WEIGHT, e - first)
                 mo = moe_streamed(x, files.get(rank, p + tn.ROUTER).T, expert, c["moe_top_k"], experts)
                 dist.all_reduce(mo, group=group)  # sums moe_tp slices and moe_ep experts
                 if reporter:
@@ -309,11 +421,14 @@ def check_streamed(trtllm_dir: Path, ckpt, config: dict, m: Mapping, quant: str,
     cfg, dtype = ckpt.config, config["dtype"]
     t0 = time.perf_counter()
     files = RankFiles(trtllm_dir, quant)
-    problems, weight_errors = audit_streamed(ckpt, files, m, quant, dtype, requant)
+    audit_layers: list[float] = []
+    problems, weight_errors = audit_streamed(ckpt, files, m, quant, dtype, requant, audit_layers)
     audit_s = time.perf_counter() - t0
     tokens, lengths = torch.tensor([prompt_ids]), torch.tensor([len(prompt_ids)])
     src = CheckpointSource(ckpt)
-    logits_src = streamed_logits(cfg, src, streamed_hidden(cfg, src, tokens, lengths)[0])
+    src_seconds = []
+    logits_src = streamed_logits(cfg, src, streamed_hidden(
+        cfg, src, tokens, lengths, on_layer=lambda i, h, s: src_seconds.append(s))[0])
     eff, taps, eff_seconds = EffectiveSource(files, m, cfg), [], []
     h_eff = streamed_hidden(cfg, eff, tokens, lengths, taps=taps, on_layer=lambda i, h, s: eff_seconds.append(s))
     logits_eff = streamed_logits(cfg, eff, h_eff[0])
@@ -358,7 +473,9 @@ def check_streamed(trtllm_dir: Path, ckpt, config: dict, m: Mapping, quant: str,
                          "worst_tensors": worst[:10],
                          "logit_change": float((logits_eff - logits_src).abs().max()),
                          "argmax_same_as_source": ids_eff == ids_src},
-        "stats": {"audit_seconds": round(audit_s, 2), "effective_layer_seconds": [round(s, 3) for s in eff_seconds],
+        "stats": {"audit_seconds": round(audit_s, 2), "audit_layer_seconds": [round(s, 3) for s in audit_layers],
+                  "source_layer_seconds": [round(s, 3) for s in src_seconds],
+                  "effective_layer_seconds": [round(s, 3) for s in eff_seconds],
                   "ranks_seconds": round(ranks_s, 2),
                   "rank_layer_seconds": [round(max(r["layer_seconds"][j] for r in ranks if len(r["layer_seconds"]) > j), 3)
                                          for j in range(max(len(r["layer_seconds"]) for r in ranks))],

@@ -90,12 +90,13 @@ def peak_rss_bytes() -> int:
 # --- estimates for `plan` and verify.mode: auto (pure; no torch) --------------------------------
 
 # Measured by bench/verify_fullsize.py (Grok-1 width, 2 layers, official format, float32, 8 prompts
-# x 32 served tokens) on this project's shared 2-core host under load (load average ~9): 231.5 s
-# and 4.92 GB read per layer, 103 s for the embedding and unembedding. The estimate is
-# time = stored bytes / READ_BPS + flops / FLOPS; an idle or larger host is several times faster,
-# so plan's figure is an upper bound there.
-READ_BPS = 0.2e9       # stored (int8) bytes per second read and dequantised to f32
-FLOPS = 6.3e9          # sustained f32 matmul flop/s of a streamed layer
+# x 32 served tokens, 496 tokens a layer) on this project's 2-core host, quiet, the page cache
+# emptied first (at full size 318 GB cannot stay cached): 59.1 s and 4.92 GB read per layer
+# (51.7 s with the files cached), 17 s for the embedding and unembedding. The estimate is
+# time = stored bytes / READ_BPS + flops / FLOPS: a loaded host is slower (the same bench under a
+# load average of ~9 took 231.5 s a layer), a larger one faster.
+READ_BPS = 0.25e9      # stored (int8) bytes per second read from disk and dequantised (block by block)
+FLOPS = 33e9           # sustained f32 matmul flop/s of a streamed layer (2 cores)
 MEM_BPS = 10e9         # weights streamed from RAM per decode step (golden mode)
 
 
@@ -144,9 +145,9 @@ def score_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int) -> 
     a = DTYPE_BYTES[dtype]
     n = sum(prompt_tokens) + len(prompt_tokens) * max_tokens  # tokens through every layer
     b, t = len(prompt_tokens), max(prompt_tokens) + max_tokens
-    # one expert's three matrices in the compute dtype, one f32 dequantised copy being cast, and the
-    # int8 pages mapped while it is dequantised
-    expert = 3 * d * f * a + (d * f * 4 if a != 4 else 0) + d * f
+    # one expert's int8 pages mapped while its matrices are multiplied a block of rows at a time
+    # (model.quantized; bf16 assembles one matrix in bf16); measured 1.7 GB in all at Grok-1 width
+    expert = 3 * d * f + (d * f * a if a != 4 else 0) + 8 * 2 ** 20
     attn = (2 * m.q_size * d + 2 * m.kv_size * d) * a   # the layer's attention matrices
     acts = b * t * d * a * 6 + m.num_q_heads * min(t, 256) * t * 4  # residual, branches, one score block
     logits = len(prompt_tokens) * max_tokens * v * 4 + 8192 * d * 4

@@ -52,7 +52,7 @@ def test_h100_plan_weights_match_the_checkpoint_arithmetic_and_fit(tmp_path, cap
     # attention + 2 of 8 expert slices + router/norms per layer, x64, + lm_head shard: about 10.6 GB
     assert 10.0e9 < roof["active_weight_bytes_per_token"] < 11.0e9
     assert {s["name"]: s["status"] for s in doc["stages"]} == {
-        "source": "would run", "reference": "not applicable", "convert": "would run", "check-shards": "not applicable",
+        "source": "would run", "reference": "not applicable", "convert": "would run", "check-shards": "would run",
         "export-onnx": "not applicable", "build": "would run", "package": "would run", "deploy": "would run",
         "verify": "would run", "bench": "not selected"}
     # verify.mode auto: the 314B in-RAM reference does not fit a host, so the streamed scorer runs
@@ -61,6 +61,12 @@ def test_h100_plan_weights_match_the_checkpoint_arithmetic_and_fit(tmp_path, cap
     assert v["prompts"] == 8 and v["max_tokens"] == 32 and v["peak_bytes"] < 4e9
     assert v["bytes_per_layer"] == 8 * 3 * 6144 * 32768 + 2 * 6144 * 6144 + 2 * 6144 * 1024 + 8 * 6144 * 4
     assert v["seconds"] == pytest.approx(64 * v["seconds_per_layer"], rel=0.05)
+    # check-shards streamed too: 8 gloo ranks + the parent, within an ordinary host's memory
+    c = doc["check_shards"]
+    assert c["processes"] == 9 and 4e9 < c["peak_bytes"] < 12e9
+    assert 30 * 60 < c["seconds"] < 3 * 3600 and c["ranks_seconds"] < c["seconds"]
+    layer = 8 * 3 * 6144 * 32768 + 2 * 6144 * 6144 + 2 * 6144 * 1024
+    assert c["bytes_read"] > 64 * layer * 5  # audit (source + rank files), two reference passes, the ranks
 
 
 def test_h100_plan_commands(tmp_path, capsys):
@@ -71,7 +77,7 @@ def test_h100_plan_commands(tmp_path, capsys):
     # w8a16: the int8 weights are laid out for the GPU first, and trtllm-build reads that copy
     assert cmds["preprocess"] == ["grok-deploy", "preprocess", str(tmp_path / "export/trtllm_ckpt"),
                                   str(tmp_path / "export/trtllm_ckpt_preprocessed")]
-    assert [c["stage"] for c in doc["commands"]] == ["convert", "preprocess", "build", "deploy"]
+    assert [c["stage"] for c in doc["commands"]] == ["convert", "check-shards", "preprocess", "build", "deploy"]
     build = " ".join(cmds["build"])
     assert cmds["build"][0] == "trtllm-build"
     assert "--use_paged_context_fmha" not in build  # flags for 0.15 (assumed): the default, which keeps KV reuse
@@ -152,6 +158,7 @@ def test_tiny_plan_text_and_cached_stages(tmp_path, capsys):
     assert "export-onnx" in out and f"export-onnx {tmp_path / 'export/source'} {tmp_path / 'export/onnx'} --quant none" in out and "mpirun" not in out
     assert f"tritonserver --model-repository={tmp_path / 'triton_repo'}" in out
     assert "verify: mode golden (auto: the in-RAM reference needs ~" in out
+    assert "check-shards: 3 processes, peak ~0.8 GB host memory together, ~" in out  # tp 2: 2 ranks + parent
 
 
 def test_verify_mode_score_drops_the_reference_stage(tmp_path, capsys):

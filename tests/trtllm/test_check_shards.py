@@ -166,3 +166,37 @@ def test_prompt_longer_than_the_context_is_left_truncated_with_a_warning(tmp_pat
     err = capsys.readouterr().err
     assert "warning: --prompt is" in err and "longer than the context of 24; keeping its last 24 tokens" in err
     assert res["ok"] and len(res["prompt_ids"]) == 24
+
+
+@pytest.mark.timeout(180)
+def test_one_changed_code_and_one_changed_replica_are_named(ckpt8, converted, tmp_path):
+    """tp 8 keeps the release's codes: they are compared as codes (and the embedding copies of
+    ranks 1-7 bytewise with rank 0's); one changed int8 code, or one changed bf16 value in a
+    replica, is still found, named with its expert, and measured in value units."""
+    import torch
+
+    bad = tmp_path / "bad"
+    shutil.copytree(converted("tp8"), bad)
+    path = bad / "rank3.safetensors"
+    tensors = load_file(str(path))
+    fc = "transformer.layers.2.mlp.fc.weight"
+    scale = float(tensors["transformer.layers.2.mlp.fc.per_channel_scale"][6, 5])
+    t = tensors[fc].clone()
+    t[6, 4, 5] = int(t[6, 4, 5]) + (1 if int(t[6, 4, 5]) < 127 else -1)  # expert 6, one code off by one step
+    tensors[fc] = t
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    path = bad / "rank5.safetensors"
+    tensors = load_file(str(path))
+    emb = "transformer.vocab_embedding.weight"
+    t = tensors[emb].clone()
+    t[3, 7] = t[3, 7].float() * 2 + 1
+    tensors[emb] = t.to(torch.float32)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+    res = check_shards(bad, ckpt8, PROMPT, timeout=150, preset=EIGHT_LAYERS)
+    assert res["ok"] is False
+    found = {(p["file"], p["tensor"]): p for p in res["tensor_mismatches"]}
+    assert set(found) == {("rank3.safetensors", fc), ("rank5.safetensors", emb)}
+    assert found[("rank3.safetensors", fc)]["experts"] == [6]
+    assert found[("rank3.safetensors", fc)]["max_abs_diff"] == pytest.approx(scale, rel=1e-6)  # one step of its scale
+    assert found[("rank5.safetensors", emb)]["max_abs_diff"] > 0.5
