@@ -8,6 +8,7 @@ get the parent-death signal, so no server outlives the test process even when a 
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -67,3 +68,23 @@ def served(tiny_ckpt, tmp_path_factory):
     server = start_server(cfg, repo)
     yield server
     server.stop()
+
+
+def run_sequences(engine, params: list, sinks: list, join_after: int = 0):
+    """Submit one inflight Seq per (params, sink) to a Scheduler over `engine` (the later ones once
+    the first sink has `join_after` chunks) and wait up to 60 s for every sink's final; returns the
+    closed scheduler."""
+    from grok_deploy.serving.triton_models.inflight import Scheduler, Seq
+
+    sched = Scheduler(engine).start()
+    try:
+        for i, (p, s) in enumerate(zip(params, sinks)):
+            while join_after and i and len(sinks[0].chunks) < join_after:
+                time.sleep(0.001)
+            sched.submit(Seq(p, s, request_id=f"r{i}"))
+        deadline = time.monotonic() + 60
+        while any(s.finals == 0 for s in sinks) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sched.close()
+    return sched

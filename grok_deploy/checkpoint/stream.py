@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grok_deploy.checkpoint.xai import QuantizedWeight8bit
 from grok_deploy.model import names
 from grok_deploy.model.grok import LEAF_TO_ATTR
 from grok_deploy.model.quantized import QuantizedMatrix, over_array
@@ -72,7 +73,7 @@ class CheckpointSource:
         if self.ckpt.format != "xai":
             return None
         raw = self.ckpt.read_raw(name)
-        if not hasattr(raw, "scales"):
+        if not isinstance(raw, QuantizedWeight8bit):
             return None
         self.bytes_read += self._stored[name] // self.config.num_experts
         return over_array(raw.weight[e]), torch.from_numpy(np.asarray(raw.scales[e], np.float32))

@@ -280,13 +280,9 @@ def render(doc: dict, cfg: PipelineConfig) -> str:
     c = doc["check_shards"]
     if c:
         lines.append(f"check-shards: {c['processes']} processes, peak ~{c['peak_bytes'] / 1e9:.1f} GB host memory "
-                     f"together, ~{_duration(c['seconds'])} ({_size(c['bytes_read'])} read)")
+                     f"together, ~{_duration(c['seconds'])} ({c['bytes_read'] / 1e9:.1f} GB read)")
     lines += [f"warning: {w}" for w in doc["warnings"]]
     return "\n".join(lines)
-
-
-def _size(n: float) -> str:
-    return f"{n / 1e9:.0f} GB" if n >= 1e10 else f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def _duration(seconds: float) -> str:

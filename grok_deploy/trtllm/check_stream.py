@@ -77,11 +77,12 @@ class RankFiles:
     def get(self, rank: int, name: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor `name` of rank `rank` as float32 values; `index`, `rows` as in `raw`."""
         t = self.raw(rank, name, index, rows)
-        base = name[: -len(tn.WEIGHT)] if name.endswith(tn.WEIGHT) else None
-        if base is not None and base + tn.SCALE in self.keys(rank):
-            s = self.scale(rank, name, index)
+        if not name.endswith(tn.WEIGHT):
+            return t.float()
+        s = self.scale(rank, name, index)
+        if s is not None:
             return t.float().mul_(s[..., None, :])
-        if base is not None and self.quant == "none" and any(name.endswith(p + tn.WEIGHT) for p in tn.MATRICES):
+        if self.quant == "none" and any(name.endswith(p + tn.WEIGHT) for p in tn.MATRICES):
             return t.float().transpose(-1, -2).contiguous()  # TensorRT-LLM's [out, in]
         return t.float()
 
@@ -299,37 +300,37 @@ def audit_streamed(ckpt, files: RankFiles, m: Mapping, quant: str, dtype: str, r
             out = [ckpt.read_raw(path(x)) for x in tn.MATRICES[part]]
             return [(q.weight, q.scales) if e is None else (q.weight[e], q.scales[e]) for q in out]
 
+        (qw, qs), (kw, ks), (vw, vs) = raw(tn.QKV) if fast[tn.QKV] else [(None, None)] * 3
+        ((dw, ds),) = raw(tn.DENSE) if fast[tn.DENSE] else [(None, None)]
         for t, r in enumerate(ranks):
             qkv = lambda *x, t=t: shard.fuse_qkv(*x, t, m.tp)  # noqa: E731
             dense = lambda x, t=t: shard.split_rows(x, t, m.tp)  # noqa: E731
             n = name(tn.QKV + tn.WEIGHT)
             if fast[tn.QKV]:
-                (qw, qs), (kw, ks), (vw, vs) = raw(tn.QKV)
                 check_codes(r, n, qkv(qw, kw, vw), qkv(qs, ks, vs), values(tn.QKV, qkv))
             else:
                 check(r, n, values(tn.QKV, qkv), files.scale(r, n))
             n = name(tn.DENSE + tn.WEIGHT)
             if fast[tn.DENSE]:
-                ((w, s),) = raw(tn.DENSE)
-                block = shard.block_of_slice(w.shape[0], s.shape[0], t, m.tp)
-                check_codes(r, n, dense(w), s[block], values(tn.DENSE, dense))
+                block = shard.block_of_slice(dw.shape[0], ds.shape[0], t, m.tp)
+                check_codes(r, n, dense(dw), ds[block], values(tn.DENSE, dense))
             else:
                 check(r, n, values(tn.DENSE, dense), files.scale(r, n))
         for e in range(cfg.num_experts):  # one expert's source matrices at a time
             tps, idx = expert_ranks(m, e, cfg.num_experts)
+            (vw, vs), (ww, ws) = raw(tn.FC, e) if fast[tn.FC] else [(None, None)] * 2
+            ((ow, os_),) = raw(tn.PROJ, e) if fast[tn.PROJ] else [(None, None)]
             for t in tps:
                 r, mt = ranks[t], m.moe_tp_rank(t)
                 fc = lambda v, w, mt=mt: shard.fuse_fc(v, w, mt, m.moe_tp)  # noqa: E731
                 proj = lambda o, mt=mt: shard.split_rows(o, mt, m.moe_tp)  # noqa: E731
                 n = name(tn.FC + tn.WEIGHT)
                 if fast[tn.FC]:
-                    (vw, vs), (ww, ws) = raw(tn.FC, e)
                     check_codes(r, n, fc(vw, ww), fc(vs, ws), values(tn.FC, fc, e), idx, e)
                 else:
                     check(r, n, values(tn.FC, fc, e), files.scale(r, n, idx), e, idx)
                 n = name(tn.PROJ + tn.WEIGHT)
                 if fast[tn.PROJ]:
-                    ((ow, os_),) = raw(tn.PROJ, e)
                     block = shard.block_of_slice(ow.shape[0], os_.shape[0], mt, m.moe_tp)
                     check_codes(r, n, proj(ow), os_[block], values(tn.PROJ, proj, e), idx, e)
                 else:

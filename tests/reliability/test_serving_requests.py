@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from serving_fixtures import run_sequences
 
 from grok_deploy.errors import UserError
 from grok_deploy.model.generate import generate
-from grok_deploy.serving.triton_models.inflight import Scheduler, Seq
 from grok_deploy.serving.triton_models.params import BadRequest, Params, parse_request
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,17 +84,6 @@ def engine(tiny_model):
     return TorchEngine(tiny_model, max_batch_size=8, max_seq_len=96)
 
 
-def run(engine, params: list[Params], sinks: list[ListSink]) -> Scheduler:
-    sched = Scheduler(engine).start()
-    try:
-        for i, (p, s) in enumerate(zip(params, sinks)):
-            sched.submit(Seq(p, s, request_id=f"r{i}"))
-        deadline = time.monotonic() + 60
-        while any(s.finals == 0 for s in sinks) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        sched.close()
-    return sched
 
 
 def test_one_failing_sequence_never_touches_the_others(engine, tiny_model):
@@ -113,7 +101,7 @@ def test_one_failing_sequence_never_touches_the_others(engine, tiny_model):
            7: (Params(prompts[7], 8, temperature=0.8, top_p=1.0, seed=7), client_gone)}
     params = [bad[i][0] if i in bad else Params(p, 8) for i, p in enumerate(prompts)]
     sinks = [ListSink(bad[i][1] if i in bad else None) for i in range(len(prompts))]
-    sched = run(engine, params, sinks)
+    sched = run_sequences(engine, params, sinks)
     good = [i for i in range(len(prompts)) if i not in bad]
     want = dict(zip(good, generate(tiny_model, [prompts[i] for i in good], 8).output_ids))  # greedy, batched
     for i, s in enumerate(sinks):

@@ -8,11 +8,10 @@ import time
 import numpy as np
 import pytest
 from conftest import TEST_PROMPT
-from serving_fixtures import decode_steps, make_repo, served, start_server  # noqa: F401 (fixture)
+from serving_fixtures import decode_steps, make_repo, run_sequences, served, start_server  # noqa: F401 (fixture)
 
 from grok_deploy.model.generate import generate
 from grok_deploy.serving.client import ServerError, query, query_ids, stream_request, tensor
-from grok_deploy.serving.triton_models.inflight import Scheduler, Seq
 from grok_deploy.serving.triton_models.params import BadRequest, Params, parse_request, word_lists
 
 pytestmark = pytest.mark.timeout(180)  # servers are started: never hang the suite
@@ -50,20 +49,9 @@ def torch_engine(tiny_model):
 
 
 def run_all(engine, params: list[Params], sinks=None, join_after: int = 0):
-    """Submit every sequence (the later ones once the first has `join_after` tokens); wait for all."""
+    """Every sequence run to its end (serving_fixtures.run_sequences); returns (sinks, scheduler)."""
     sinks = sinks or [ListSink() for _ in params]
-    sched = Scheduler(engine).start()
-    try:
-        for i, (p, s) in enumerate(zip(params, sinks)):
-            while i and len(sinks[0].chunks) < join_after:
-                time.sleep(0.001)
-            sched.submit(Seq(p, s, request_id=f"r{i}"))
-        deadline = time.monotonic() + 60
-        while any(s.finals == 0 for s in sinks) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        sched.close()
-    return sinks, sched
+    return sinks, run_sequences(engine, params, sinks, join_after)
 
 
 def test_scheduler_batches_more_than_max_and_matches_reference(torch_engine, tiny_model, tiny_tokenizer):
