@@ -156,6 +156,18 @@ def check_output(out: Path, src: Path, kind: str) -> None:
     check_replaceable(out, kind)
 
 
+def check_space(out: Path, need: int, what: str) -> None:
+    """Refuse, before anything is written, an output its file system cannot hold (the tmp folder
+    sits beside `out`, and an earlier output there is removed only after the swap)."""
+    where = Path(os.path.abspath(out))
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"{out}: {what} needs {need / 1e9:.2f} GB and {where} has {free / 1e9:.2f} GB free; "
+                        "free space there or write the output elsewhere")
+
+
 def new_tmp(out: Path, kind: str | None = None) -> Path:
     """An empty `<out>.tmp-<pid>-XXXX` beside `out` (same file system, so the rename is atomic),
     holding only the mark of stage `kind`."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import MARK, check_replaceable, clean_stale, commit, mark, sha256_file
+from grok_deploy.manifest import MARK, check_replaceable, check_space, clean_stale, commit, mark, sha256_file
 from grok_deploy.trtllm import compat
 from grok_deploy.trtllm import names as tn
 
@@ -174,9 +174,10 @@ def _import_trtllm():
         return None, f"{type(e).__name__}: {e}"
 
 
-def preprocess_checkpoint(src: Path, dst: Path, config: dict) -> int:
+def preprocess_checkpoint(src: Path, dst: Path, config: dict) -> tuple[int, dict[str, str]]:
     """Copy the checkpoint, passing every int8 weight through TensorRT-LLM's preprocessing op
-    (as the official converter: activation type = the checkpoint dtype). Returns the tensor count."""
+    (as the official converter: activation type = the checkpoint dtype). Returns the tensor count
+    and each rank file's sha256 (hashed as it was written)."""
     import ml_dtypes
     import torch
     from safetensors import safe_open
@@ -188,27 +189,31 @@ def preprocess_checkpoint(src: Path, dst: Path, config: dict) -> int:
     codes = {v: k for k, v in tn.ST_DTYPES.items()}
     dst.mkdir(parents=True)
     shutil.copy(src / "config.json", dst / "config.json")
-    count = 0
+    count, shas = 0, {}
     for r in range(config["mapping"]["world_size"]):
         header = read_header(src / tn.rank_file(r))
         items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
         specs = [Spec(k, tuple(v["shape"]), codes[v["dtype"]]) for k, v in items]
         writer = RankWriter(dst / tn.rank_file(r), specs, {"format": "pt", "preprocessed": "true"})
-        with safe_open(str(src / tn.rank_file(r)), framework="pt") as f:
-            for spec in specs:
-                t = f.get_tensor(spec.name)
-                if spec.dtype == "int8" and spec.name.endswith(tn.WEIGHT):
-                    t = op(t.contiguous(), torch.int8, act)
-                    if t.dtype != torch.int8 or tuple(t.shape) != spec.shape:
-                        raise RuntimeError(f"{spec.name}: preprocessing returned {t.dtype} {tuple(t.shape)}")
-                if t.dtype == torch.bfloat16:  # numpy has no bf16: through int16, as ml_dtypes
-                    arr = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-                else:
-                    arr = t.contiguous().numpy()
-                writer.write(spec.name, arr)
-                count += 1
-        writer.close()
-    return count
+        try:
+            with safe_open(str(src / tn.rank_file(r)), framework="pt") as f:
+                for spec in specs:
+                    t = f.get_tensor(spec.name)
+                    if spec.dtype == "int8" and spec.name.endswith(tn.WEIGHT):
+                        t = op(t.contiguous(), torch.int8, act)
+                        if t.dtype != torch.int8 or tuple(t.shape) != spec.shape:
+                            raise RuntimeError(f"{spec.name}: preprocessing returned {t.dtype} {tuple(t.shape)}")
+                    if t.dtype == torch.bfloat16:  # numpy has no bf16: through int16, as ml_dtypes
+                        arr = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                    else:
+                        arr = t.contiguous().numpy()
+                    writer.write(spec.name, arr)
+                    count += 1
+            shas[tn.rank_file(r)] = writer.close()
+        except BaseException:
+            writer.abort()  # stops its writing thread; the caller removes the folder
+            raise
+    return count, shas
 
 
 
@@ -243,14 +248,16 @@ def preprocess(src, out) -> dict:
                         "torch.ops.trtllm.preprocess_weights_for_mixed_gemm depends on the GPU and the version")
     version = str(getattr(trtllm, "__version__", None))
     check_buildable(config, version)
+    check_space(out, sum(f["bytes"] for f in manifest.get("files", {}).values()),
+                "the preprocessed copy of the checkpoint")
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         shutil.rmtree(tmp)
-        count = preprocess_checkpoint(src, tmp, config)
+        count, shas = preprocess_checkpoint(src, tmp, config)
         doc = {**manifest, "produced_by": "grok-deploy preprocess", "preprocessed": True,
                "preprocessed_from": str(src.resolve()), "tensors": count, "tensorrt_llm_version": version,
                "gpu": _gpu(), "seconds": round(time.perf_counter() - t0, 2),
-               "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+               "files": {p.name: {"bytes": p.stat().st_size, "sha256": shas.get(p.name) or sha256_file(p)}
                          for p in sorted(tmp.iterdir()) if p.is_file()}}
         write_json_atomic(tmp / "manifest.json", doc, indent=2)
     return doc

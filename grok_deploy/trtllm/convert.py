@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import check_output, clean_stale, commit, new_tmp
+from grok_deploy.manifest import check_output, check_space, clean_stale, commit, new_tmp
 from grok_deploy.model import names
 from grok_deploy.trtllm import names as tn
 from grok_deploy.trtllm import shard
@@ -38,8 +38,8 @@ from grok_deploy.trtllm.shard import Mapping
 
 QUANTS = ("w8a16", "none")
 ROW_CHUNK_BYTES = 64 << 20  # embedding / lm_head are streamed in row chunks of this size
-ROW_BLOCK_BYTES = 512 << 10  # int8 codes are gathered, written and hashed in blocks that fit
-                             # the L2 cache: a third of the CPU time of whole-expert chunks
+ROW_BLOCK_BYTES = 512 << 10  # int8 codes are gathered in blocks that fit the L2 cache, and
+                             # copied into the writer's block from there
 REQUANT_BLOCK_BYTES = 1 << 20  # float32 rows per step when requantising
 REPORT_BYTES = 64 << 20     # progress is reported from the workers in steps of this size
 
@@ -445,6 +445,7 @@ def convert(src, out, tp: int, moe_tp: int | None = None, moe_ep: int | None = N
     total = sum(s.nbytes for r in range(m.world) for s in rank_specs(cfg, m, r, quant, dtype))
     t0 = time.perf_counter()
     clean_stale(out)
+    check_space(out, total, f"the TensorRT-LLM checkpoint (tp {m.tp}, {quant}, {dtype})")
     tmp = new_tmp(out, "convert")
     try:
         config = trtllm_config(cfg, m, quant, dtype)

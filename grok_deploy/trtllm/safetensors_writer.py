@@ -2,13 +2,18 @@
 
 The header comes first, its offsets computed from the specs (names, shapes, dtypes known up
 front); then each tensor's bytes in spec order, in chunks of any size (one expert slice, a block
-of rows), hashed on the way so that the file's sha256 is known when it is closed. convert writes
-every rank file with it; build writes the preprocessed copies with it.
+of rows), hashed on the way so that the file's sha256 is known when it is closed, and written
+with O_DIRECT where the file system allows (_Output). convert writes every rank file with it;
+preprocess writes the preprocessed copies with it.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import mmap
+import os
 import queue
 import struct
 import threading
@@ -38,46 +43,136 @@ class Spec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(np_dtype(self.dtype)).itemsize
 
 
-HASH_PIECE = 1 << 20  # bytes handed to the hashing thread at a time
-HASH_QUEUE = 16       # pieces in flight: at most 16 MiB held for the hash beyond what is written
+ALIGN = 4096            # O_DIRECT offset, length and buffer alignment that common devices accept
+STAGE_BYTES = 8 << 20   # bytes per write() call: one block is filled while another is written
+STAGES = 3              # blocks per file: one filling, up to two waiting for or in write()
+_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: buffered writes
 
 
-class _Hasher:
-    """sha256 of a byte stream on its own thread, fed in order. hashlib releases the GIL on large
-    buffers, so the hash of block i runs while block i+1 is gathered and written: the rank file's
-    bytes are hashed once, as they are written, without adding to the writer's critical path
-    (where a core is free; on a saturated host it costs what the inline hash did)."""
+class _Output:
+    """A new file written front to back in page-aligned blocks of STAGE_BYTES.
 
-    def __init__(self):
+    Each block is hashed when full (its bytes still in the CPU cache) and handed to a thread that
+    writes it, so the next block is filled during the write. The file is opened with O_DIRECT
+    where the file system takes it: a rank file is written once, hundreds of GB in all, and read
+    later by another process, so a page-cache copy of every byte (the largest CPU cost of a
+    buffered convert, bench/convert_throughput.py) and gigabytes of dirty pages would buy nothing.
+    Where O_DIRECT is refused, at open or at a write, the same blocks are written buffered. The
+    last block is padded to ALIGN for the device and the file truncated to its size."""
+
+    def __init__(self, path: Path):
+        self.path, self.direct = path, bool(_DIRECT)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, flags | _DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not self.direct:
+                raise
+            self.direct, self._fd = False, os.open(path, flags, 0o644)  # e.g. tmpfs before Linux 6.6
+        self._maps = [mmap.mmap(-1, STAGE_BYTES) for _ in range(STAGES)]  # anonymous: page-aligned
+        self._blocks = [memoryview(m) for m in self._maps]
+        self._free: queue.Queue = queue.Queue()
+        for i in range(1, STAGES):
+            self._free.put(i)
+        self._full: queue.Queue = queue.Queue()
+        self._cur, self._pos, self.size, self._written = 0, 0, 0, 0
         self._sha = hashlib.sha256()
-        self._q: queue.Queue = queue.Queue(HASH_QUEUE)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="rank-file-writer", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while (piece := self._q.get()) is not None:
-            try:
-                self._sha.update(piece)
-            except BaseException as e:  # noqa: BLE001 - re-raised by digest()
-                self._error = e
-
-    def update(self, buf) -> None:
+    def append(self, buf) -> None:
         view = memoryview(buf).cast("B")
-        for a in range(0, len(view), HASH_PIECE):
-            self._q.put(view[a:a + HASH_PIECE])  # keeps the bytes alive until hashed
+        while len(view):
+            n = min(len(view), STAGE_BYTES - self._pos)
+            self._blocks[self._cur][self._pos:self._pos + n] = view[:n]
+            self._pos += n
+            view = view[n:]
+            if self._pos == STAGE_BYTES:
+                self._hand_over(STAGE_BYTES)
 
-    def digest(self) -> str:
-        self._q.put(None)
-        self._thread.join()
+    def _hand_over(self, length: int) -> None:
+        """Hash the current block's bytes and queue `length` of them (padded) for writing."""
+        block = self._blocks[self._cur]
+        self._sha.update(block[:self._pos])  # hashlib releases the GIL: the writer runs meanwhile
+        self.size += self._pos
+        self._full.put((self._cur, length))
+        self._cur, self._pos = self._free.get(), 0
         if self._error is not None:
             raise self._error
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            i, length = item
+            try:
+                if self._error is None:
+                    self._write(self._blocks[i][:length])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the filling thread
+                self._error = self._user_error(e)
+            finally:
+                self._free.put(i)  # refilled only now: the device reads it during write()
+
+    def _write(self, view) -> None:
+        while len(view):
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                # the file system opened the file O_DIRECT but refuses such writes: write buffered
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_DIRECT)
+                self.direct = False
+                continue
+            view = view[n:]
+            self._written += n
+
+    def _user_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return UserError(f"{self.path}: no space left on the device (or quota exceeded) with "
+                             f"{self._written / 1e9:.2f} GB of this file written; "
+                             "free space there and run again")
+        return e
+
+    def close(self) -> str:
+        """Write what is left, truncate the padding away, close; return the file's sha256."""
+        n = self._pos
+        padded = -(-n // ALIGN) * ALIGN
+        self._blocks[self._cur][n:padded] = bytes(padded - n)
+        if padded:
+            self._hand_over(padded)
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        try:
+            os.ftruncate(self._fd, self.size)
+        except OSError as e:
+            raise self._user_error(e) from e
+        finally:
+            self.abort()
         return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Stop the writing thread and close the file (what was written stays; the caller removes it)."""
+        self._stop()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
+        for block, m in zip(self._blocks, self._maps):  # the blocks' memory back now, not at GC
+            block.release()
+            try:
+                m.close()
+            except BufferError:  # a slice still held (by an error's traceback): freed with it
+                pass
 
 
 class RankWriter:
     """A safetensors file written incrementally: the header (offsets from the known specs) first,
-    then each tensor's bytes in spec order; sha256 computed on the way (on a hashing thread)."""
+    then each tensor's bytes in spec order, through _Output (sha256 computed on the way)."""
 
     def __init__(self, path: Path, specs: list[Spec], metadata: dict | None = None):
         header, off = {}, 0
@@ -91,13 +186,8 @@ class RankWriter:
         h += b" " * (-len(h) % 8)
         self.path, self.size = path, 8 + len(h) + off
         self._specs, self._i, self._left = specs, -1, 0
-        self._f = open(path, "wb")
-        self._sha = _Hasher()
-        self._emit(struct.pack("<Q", len(h)) + h)
-
-    def _emit(self, buf) -> None:
-        self._f.write(buf)
-        self._sha.update(buf)
+        self._out = _Output(path)
+        self._out.append(struct.pack("<Q", len(h)) + h)
 
     def write(self, name: str, chunk: np.ndarray) -> None:
         if self._left == 0:
@@ -110,19 +200,18 @@ class RankWriter:
             raise RuntimeError(f"{self.path.name}: got {name} {chunk.dtype} {chunk.nbytes} B, expected "
                                f"{spec.name} {spec.dtype} with {self._left} B left")
         self._left -= chunk.nbytes
-        self._emit(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data)
+        self._out.append(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data)
 
     def close(self) -> str:
         """Check that every tensor was written in full; return the file's sha256."""
-        self._f.close()
-        sha = self._sha.digest()
         if self._left or self._i != len(self._specs) - 1:
+            self._out.abort()
             raise RuntimeError(f"{self.path.name}: incomplete, stopped in tensor {self._i}")
+        sha = self._out.close()
         return sha
 
     def abort(self) -> None:
-        self._f.close()
-        self._sha.digest()  # stop the thread
+        self._out.abort()
 
 
 def read_header(path) -> dict:

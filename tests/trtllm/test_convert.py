@@ -261,6 +261,33 @@ def test_foreign_output_folder_is_refused(tiny_ckpt, tmp_path):
     assert sorted(p.name for p in (tmp_path / "trt").iterdir()) == ["notes.txt"]
 
 
+def test_a_file_system_too_small_is_refused_before_anything_is_written(tiny_ckpt, tmp_path, capsys,
+                                                                     monkeypatch):
+    import collections
+
+    import grok_deploy.manifest as manifest
+
+    usage = collections.namedtuple("usage", "total used free")
+    need = sum(s.nbytes for s in _rank_specs(tiny_ckpt, 2))
+    monkeypatch.setattr(manifest.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - need + 1, need - 1))
+    assert main(["convert", str(tiny_ckpt), str(tmp_path / "out" / "trt"), "--tp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'out' / 'trt'}: the TensorRT-LLM checkpoint (tp 2, w8a16, bfloat16) "
+                   f"needs {need / 1e9:.2f} GB and {tmp_path / 'out'} has {(need - 1) / 1e9:.2f} GB free; "
+                   "free space there or write the output elsewhere\n")
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []  # no trt, no tmp
+    monkeypatch.setattr(manifest.shutil, "disk_usage", lambda path: usage(10**12, 0, need))
+    assert main(["convert", str(tiny_ckpt), str(tmp_path / "out" / "trt"), "--tp", "2"]) == 0
+
+
+def _rank_specs(ckpt, tp):
+    from grok_deploy.trtllm.convert import rank_specs
+    from grok_deploy.trtllm.shard import Mapping
+
+    cfg = open_checkpoint(ckpt).config
+    return [s for r in range(tp) for s in rank_specs(cfg, Mapping(tp, 1, None, None), r, "w8a16", "bfloat16")]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tp", "3"], "--tp 3 does not divide the kv heads (8)"),
     (["--tp", "16"], "--tp 16 does not divide the kv heads (8)"),

@@ -3,9 +3,12 @@ chunks of any size, hashed on the way (on its own thread: the sha256 it returns 
 and read_header's checks that a rank file is whole."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import struct
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -123,9 +126,9 @@ def test_read_header_names_the_file_that_is_not_whole(tmp_path):
     assert read_header(path)["a"]["data_offsets"] == [0, 4]
 
 
-def test_threaded_sha256_is_the_files(tmp_path):
+def test_sha256_is_the_files_across_blocks_and_the_padding_is_cut(tmp_path):
     rng = np.random.default_rng(0)
-    big = rng.integers(-127, 128, (40, 1 << 20), dtype=np.int8)  # 40 MiB: 40 pieces, queue of 16
+    big = rng.integers(-127, 128, (40, 1 << 20), dtype=np.int8)  # 40 MiB: blocks reused, chunks span them
     small = rng.standard_normal(7).astype(np.float32)
     specs = [Spec("a", big.shape, "int8"), Spec("b", small.shape, "float32")]
     w = RankWriter(tmp_path / "r.safetensors", specs)
@@ -134,9 +137,95 @@ def test_threaded_sha256_is_the_files(tmp_path):
     w.write("b", small)
     sha = w.close()
     data = (tmp_path / "r.safetensors").read_bytes()
-    assert sha == hashlib.sha256(data).hexdigest() and len(data) == w.size
-    assert read_header(tmp_path / "r.safetensors")["a"]["shape"] == [40, 1 << 20]
-    assert sw.HASH_PIECE * sw.HASH_QUEUE < big.nbytes
+    assert sw.STAGES * sw.STAGE_BYTES < big.nbytes and w.size % sw.ALIGN
+    assert len(data) == w.size and sha == hashlib.sha256(data).hexdigest()
+    with safe_open(str(tmp_path / "r.safetensors"), framework="numpy") as f:
+        assert np.array_equal(f.get_tensor("a"), big) and np.array_equal(f.get_tensor("b"), small)
+    assert not w._out._thread.is_alive() and w._out._fd is None
+
+
+def _resident_pages(path) -> int:
+    """Pages of `path` in the page cache: mincore(2) on a fresh mapping, which touches none."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    try:
+        vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        return sum(v & 1 for v in vec)
+    finally:
+        libc.munmap(addr, size)
+
+
+def test_rank_files_bypass_the_page_cache_where_the_file_system_allows(tmp_path):
+    data = np.arange(16 << 20, dtype=np.uint32).view(np.int8)  # 64 MiB
+    w = RankWriter(tmp_path / "direct.safetensors", [Spec("a", data.shape, "int8")])
+    if not w._out.direct:
+        w.abort()
+        pytest.skip("this file system refuses O_DIRECT: the writer writes buffered (tested below)")
+    w.write("a", data)
+    w.close()
+    (tmp_path / "buffered.bin").write_bytes(data.tobytes())
+    direct, buffered = (_resident_pages(tmp_path / n) for n in ("direct.safetensors", "buffered.bin"))
+    assert buffered > 0.9 * data.nbytes / 4096 and direct < 0.01 * data.nbytes / 4096
+
+
+def test_o_direct_refused_at_open_or_at_a_write_falls_back_to_buffered(tmp_path, monkeypatch):
+    import os
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(-127, 128, 20_000_017, dtype=np.int8)  # 2.4 blocks, a length no device aligns
+    specs = [Spec("x", x.shape, "int8")]
+    real_open, real_write = os.open, os.write
+
+    def refusing_open(path, flags, *a):
+        if flags & sw._DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(sw.os, "open", refusing_open)
+    w = RankWriter(tmp_path / "a.safetensors", specs)
+    w.write("x", x)
+    assert w._out.direct is False
+    sha_a = w.close()
+    monkeypatch.setattr(sw.os, "open", real_open)
+
+    writes = []
+
+    def refusing_write(fd, buf):  # a file system that opens O_DIRECT but refuses such writes
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & sw._DIRECT)
+        writes.append(direct)
+        if direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, buf)
+    monkeypatch.setattr(sw.os, "write", refusing_write)
+    w = RankWriter(tmp_path / "b.safetensors", specs)
+    w.write("x", x)
+    sha_b = w.close()
+    assert writes[0] is True and not any(writes[1:]) and w._out.direct is False
+    for name, sha in (("a", sha_a), ("b", sha_b)):
+        data = (tmp_path / f"{name}.safetensors").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha and len(data) == w.size
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="numpy") as f:
+            assert np.array_equal(f.get_tensor("x"), x)
+
+
+def test_a_full_disk_is_a_user_error_naming_the_file(tmp_path):
+    big = np.zeros(sw.STAGES * sw.STAGE_BYTES * 2, np.int8)
+    w = sw._Output(Path("/dev/full"))  # every write: ENOSPC
+    with pytest.raises(UserError, match=r"^/dev/full: no space left on the device \(or quota exceeded\) "
+                                        r"with 0.00 GB of this file written; free space there and run again"):
+        w.append(big.data)  # raised while writing, not first at close
+    w.abort()
+    assert not w._thread.is_alive() and w._fd is None
 
 
 def test_incomplete_file_is_refused_and_the_thread_ends(tmp_path):
@@ -144,7 +233,8 @@ def test_incomplete_file_is_refused_and_the_thread_ends(tmp_path):
     w.write("a", np.zeros(2, np.float32))
     with pytest.raises(RuntimeError, match="incomplete"):
         w.close()
-    assert not w._sha._thread.is_alive()
+    assert not w._out._thread.is_alive() and w._out._fd is None
     w = RankWriter(tmp_path / "s.safetensors", [Spec("a", (4,), "float32")])
     w.abort()
-    assert not w._sha._thread.is_alive()
+    assert not w._out._thread.is_alive()
+    w.abort()  # twice: harmless
