@@ -152,8 +152,18 @@ def scrape(server) -> dict:
     return out
 
 
+def scrape_idle(server, timeout: float = 10.0) -> dict:
+    """The gauges once the batcher has published its last turn: the final response is sent during
+    a turn and the gauges are set after it, so a scrape right after a stream ends may see the turn
+    before (active still 1, the iteration counter one publish behind)."""
+    deadline = time.monotonic() + timeout
+    while (m := scrape(server))["nv_trt_llm_request_metrics", "active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return m
+
+
 def test_backend_metric_families_and_failure_counts(served):
-    before = scrape(served)
+    before = scrape_idle(served)
     assert before["nv_trt_llm_request_metrics", "max"] == 8 and before["nv_trt_llm_kv_cache_block_metrics", "max"] == 8
     assert before["nv_trt_llm_kv_cache_block_metrics", "tokens_per"] == 160  # one slot of max_seq_len per sequence
     with pytest.raises(ServerError, match="empty prompt"):
@@ -175,7 +185,8 @@ def test_backend_metric_families_and_failure_counts(served):
     t.start()
     query_ids(served.grpc_url, [5, 6, 7], 80, stream=True)
     t.join(30)
-    after = scrape(served)
+    after = scrape_idle(served)
+    assert after["nv_trt_llm_request_metrics", "active"] == 0
     assert seen.is_set() and mid["nv_trt_llm_kv_cache_block_metrics", "used"] >= 1
     assert mid["nv_trt_llm_kv_cache_block_metrics", "free"] == 8 - mid["nv_trt_llm_kv_cache_block_metrics", "used"]
     assert after["nv_inference_request_failure", "BACKEND"] == before["nv_inference_request_failure", "BACKEND"] + 1
