@@ -121,7 +121,6 @@ RUNS = (("cp -r", None), ("dd oflag=direct", 0), ("convert tp 8 W8A16", 8), ("co
 DD = 'mkdir "$2" && for f in "$1"/*; do dd if="$f" of="$2/${f##*/}" bs=8M oflag=direct status=none || exit 1; done'
 
 
-
 def measure(work: Path, repeat: int, workers: int | None) -> dict:
     """Alternate cp and the conversions (the disk and page cache of a shared VM are noisy);
     per label: seconds, seconds until synced to disk, peak RSS (sum, max), last manifest."""

@@ -84,8 +84,6 @@ def engine(tiny_model):
     return TorchEngine(tiny_model, max_batch_size=8, max_seq_len=96)
 
 
-
-
 def test_one_failing_sequence_never_touches_the_others(engine, tiny_model):
     """Faults at admission (NaN temperature past the parser, a temperature so small that logits / T
     overflow) and mid-batch, after 3 tokens (temperature or bias turned NaN, the client's sink

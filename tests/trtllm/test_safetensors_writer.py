@@ -1,6 +1,6 @@
 """The streaming safetensors writer: files the safetensors library reads back exactly, written in
-chunks of any size, hashed on the way (on its own thread: the sha256 it returns is the file's);
-and read_header's checks that a rank file is whole."""
+chunks of any size, hashed on the way (the sha256 it returns is the file's), with O_DIRECT where
+the file system takes it and buffered where not; and read_header's checks that a rank file is whole."""
 from __future__ import annotations
 
 import errno
