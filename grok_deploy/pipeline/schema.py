@@ -1,6 +1,6 @@
 """pipeline.yaml: one typed schema, validated on load; every error names the key and its line.
 
-`load_pipeline(path)` parses the YAML keeping each key's line (from the node marks), validates
+`load_pipeline(path)` parses the YAML keeping each key's line (yaml_lines.py, from the node marks), validates
 the types with pydantic (unknown keys refused), then checks what types cannot: parallel sizes
 against the model preset, lengths, ports, plugins. Defaults live here and nowhere else.
 Relative paths are relative to the pipeline file's folder.
@@ -8,19 +8,17 @@ Relative paths are relative to the pipeline file's folder.
 from __future__ import annotations
 
 import difflib
-import errno
 import os
-import stat
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from grok_deploy.errors import UserError
 from grok_deploy.manifest import overlaps
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
+from grok_deploy.pipeline.yaml_lines import line_of, read_yaml
 from grok_deploy.serving.deploy import address_problem
 from grok_deploy.trtllm import compat
 from grok_deploy.verify.report import Tolerances as _Tol
@@ -33,9 +31,6 @@ PosFloat = Annotated[float, Field(gt=0, le=1e6)]
 Count = Annotated[int, Field(gt=0, le=1024)]  # ranks, instances, workers
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
-MAX_FILE_BYTES = 1 << 20     # a pipeline.yaml is a few KB; /dev/zero or a 4 GB file is refused unread
-MAX_NODES = 100_000          # YAML nodes after alias expansion (a "billion laughs" file has 10^9)
-MAX_INT_DIGITS = 30
 PATH_KEYS = ("model.source.path", "model.source.tokenizer", "server.binary", "hardware.hostfile",
              *(f"outputs.{k}" for k in ("source", "reference", "trtllm_ckpt", "onnx", "engines",
                                          "triton_repo", "reports", "logs")))
@@ -222,115 +217,6 @@ class PipelineConfig(_Section):
         src = self.model.source
         keys = (["model.source.path"] if src.format != "synthetic" else []) + (["model.source.tokenizer"] if src.tokenizer else [])
         return [(k, self.resolve(self.get(k))) for k in keys if not self.resolve(self.get(k)).exists()]
-
-
-# --- YAML with line numbers ---------------------------------------------------------------
-
-def line_of(lines: dict, loc: tuple) -> int:
-    """Line of the longest prefix of `loc` that the file spells out (1 for the document)."""
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return lines.get((), 1)
-
-
-def _node_lines(root, lines: dict, file: Path) -> None:
-    """Fill {key path: line} walking the node tree without recursion; aliases are walked where
-    they are used, so the walk counts the expanded document and stops at MAX_NODES."""
-    todo, seen_nodes = [(root, ())], 0
-    while todo:
-        node, path = todo.pop()
-        seen_nodes += 1
-        if seen_nodes > MAX_NODES:
-            raise UserError(f"{file.name}: more than {MAX_NODES} YAML values once anchors and aliases are expanded "
-                            "(a pipeline file is a few dozen); remove the repeated aliases")
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, value in node.value:
-                key = key_node.value
-                if not isinstance(key, str):
-                    raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
-                                    f"{'.'.join(map(str, path)) or '(document)'}: keys must be plain names")
-                if key in seen:
-                    raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
-                                    f"{'.'.join(map(str, path + (key,)))}: duplicate key; keep one")
-                seen.add(key)
-                lines.setdefault(path + (key,), key_node.start_mark.line + 1)
-                todo.append((value, path + (key,)))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines.setdefault(path + (i,), item.start_mark.line + 1)
-                todo.append((item, path + (i,)))
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses integers too long to be a setting (Python refuses to print ints of
-    over 4300 digits, and no key needs more than a few)."""
-
-    def construct_yaml_int(self, node):
-        digits = sum(c.isdigit() for c in str(node.value))
-        if digits > MAX_INT_DIGITS:
-            raise yaml.constructor.ConstructorError(None, None, f"an integer of {digits} digits is too large",
-                                                    node.start_mark)
-        return super().construct_yaml_int(node)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-def read_text_bounded(file: Path, what: str = "pipeline file", limit: int = MAX_FILE_BYTES) -> str:
-    """The UTF-8 text of a regular file of at most `limit` bytes; UserError for anything else
-    (a folder, a FIFO or a device is refused before it is read, so nothing blocks or fills memory)."""
-    hint = "pass an existing pipeline.yaml" if what == "pipeline file" else f"pass a readable {what}"
-    try:
-        st = os.stat(file)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
-            raise UserError(f"{file}: the {what} is {kind}; {hint}")
-        if st.st_size > limit:
-            raise UserError(f"{file}: the {what} is {st.st_size} bytes, more than the {limit} allowed; {hint}")
-        with open(file, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        why = "a symlink loop" if e.errno == errno.ELOOP else e.strerror
-        raise UserError(f"{file}: cannot read the {what} ({why}); {hint}") from None
-    if len(data) > limit:
-        raise UserError(f"{file}: the {what} is more than {limit} bytes; {hint}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{file.name} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                        "save the file as UTF-8") from None
-
-
-def read_yaml(file: Path) -> tuple[Any, dict]:
-    """The document and {key path tuple: 1-based line}."""
-    text = read_text_bounded(file)
-    loader = None
-    try:
-        loader = _Loader(text)  # its reader refuses control characters here
-        node = loader.get_single_node()
-        lines: dict = {(): 1}
-        if node is not None:
-            _node_lines(node, lines, file)
-        data = loader.construct_document(node) if node is not None else {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        if isinstance(e, yaml.reader.ReaderError):
-            line = text[:e.position].count("\n") + 1
-            raise UserError(f"{file.name} line {line}: character U+{e.character:04X} is not allowed in YAML "
-                            "(control characters such as NUL); remove it") from None
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{file.name} line {line}: YAML syntax: {problem}") from None
-    except RecursionError:
-        raise UserError(f"{file.name}: nested too deeply for a pipeline file (sections are 2-3 levels); "
-                        "flatten it") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return data, lines
 
 
 # --- validation ----------------------------------------------------------------------------
