@@ -14,6 +14,7 @@ from grok_deploy.checkpoint.base import Checkpoint, TensorInfo
 from grok_deploy.checkpoint.xai import CKPT_DIR, QuantizedWeight8bit, dequantize, quantize_blocks, write_checkpoint
 from grok_deploy.errors import UserError
 from grok_deploy.model.config import GrokConfig
+from grok_deploy.model.tokenizer import check_tokenizer_file
 
 __all__ = ["Checkpoint", "QuantizedWeight8bit", "TensorInfo", "dequantize", "open_checkpoint",
            "quantize_blocks", "write_checkpoint"]
@@ -44,6 +45,7 @@ def open_checkpoint(path, preset: str | GrokConfig | None = None) -> Checkpoint:
     if not tokenizer.is_file():
         raise UserError(f"{tokenizer}: missing; copy tokenizer.model from the root of the "
                         "xai-org/grok-1 repository next to the weights")
+    check_tokenizer_file(tokenizer)
     if is_xai:
         from grok_deploy.checkpoint.xai import open_xai
 

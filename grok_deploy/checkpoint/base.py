@@ -46,8 +46,12 @@ class Checkpoint:
 
         Drop each array (`del`) before asking for the next one to hold a single tensor at a time.
         """
+        from grok_deploy.checkpoint.info import check_finite
+
         for name in self.names():
-            yield name, self.read(name)
+            arr = self.read(name)
+            check_finite(self.path, name, arr)
+            yield name, arr
 
     def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows lo:hi of a 2-D leaf (the embedding), float32; readers that can read only those

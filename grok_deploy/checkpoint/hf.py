@@ -129,11 +129,14 @@ class HfCheckpoint(Checkpoint):
 
 MAX_HEADER_BYTES = 8 << 20  # a shard of the port lists a few hundred tensors (~100 KB of header)
 MAX_TENSORS = 20_000
+MAX_METADATA = 1024  # __metadata__ entries: a port's shards carry one ({"format": "pt"})
 
 
 def check_header(file: Path) -> None:
     """Refuse, before safetensors parses it, anything but a regular file whose JSON header is at
-    most MAX_HEADER_BYTES (a header padded with junk entries made every lookup slow)."""
+    most MAX_HEADER_BYTES, lists at most MAX_TENSORS tensors and MAX_METADATA metadata entries
+    (safetensors parses the whole header at every open: a header padded with junk tensors or 300k
+    metadata entries made every lookup slow, 25-31 s for `inspect`)."""
     try:
         with open(file, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
             st = os.fstat(f.fileno())
@@ -141,15 +144,31 @@ def check_header(file: Path) -> None:
                 raise UserError(f"{file}: is {'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, "
                                 "not a safetensors file; put the downloaded shard there")
             head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER_BYTES, st.st_size - 8):
+                size = ("truncated" if n < 0 or n > st.st_size - 8
+                        else f"a header of {n} bytes (at most {MAX_HEADER_BYTES})")
+                raise UserError(f"{file}: not a Grok-1 safetensors shard ({size}); download it again")
+            blob = f.read(n)
     except IsADirectoryError:
         raise UserError(f"{file}: is a folder, not a safetensors file; put the downloaded shard there") from None
     except OSError as e:
         why = "a symlink loop" if e.errno == errno.ELOOP else e.strerror
         raise UserError(f"{file}: cannot be read ({why}); put the downloaded shard there") from None
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-    if not 0 < n <= min(MAX_HEADER_BYTES, st.st_size - 8):
-        size = "truncated" if n < 0 or n > st.st_size - 8 else f"a header of {n} bytes (at most {MAX_HEADER_BYTES})"
-        raise UserError(f"{file}: not a Grok-1 safetensors shard ({size}); download it again")
+    try:
+        header = json.loads(blob)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{file}: not a readable safetensors file (its header is not JSON: {e}); "
+                        "download it again") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{file}: not a readable safetensors file (its header is not a JSON object); download it again")
+    meta = header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise UserError(f"{file}: {len(header)} tensors in one shard (the whole model has a few "
+                        "thousand); not a Grok-1 shard")
+    if isinstance(meta, dict) and len(meta) > MAX_METADATA:
+        raise UserError(f"{file}: {len(meta)} metadata entries in its header (a shard of the port has 1, at most "
+                        f"{MAX_METADATA} are allowed); not a Grok-1 shard, download it again")
 
 
 def open_hf(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> HfCheckpoint:
@@ -162,11 +181,7 @@ def open_hf(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> HfC
         check_header(file)
         try:
             with safe_open(str(file), framework="np") as f:
-                keys = f.keys()
-                if len(keys) > MAX_TENSORS:
-                    raise UserError(f"{file}: {len(keys)} tensors in one shard (the whole model has a few "
-                                    "thousand); not a Grok-1 shard")
-                for key in keys:
+                for key in f.keys():
                     if key in where:
                         raise UserError(f"{file}: tensor {key!r} is also in {where[key].name}; remove the "
                                         "shard that does not belong")

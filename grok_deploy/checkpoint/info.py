@@ -35,19 +35,34 @@ def _float_parts(ckpt, name: str):
         yield ckpt.read(name)
 
 
+def count_non_finite(arr) -> int:
+    """NaN and inf values in a float array (int8 codes: 0), counted CHUNK elements at a time."""
+    flat = np.asarray(arr).reshape(-1)
+    if flat.dtype.kind not in "fc" and flat.dtype.name != "bfloat16":
+        return 0
+    count = 0
+    for a in range(0, flat.size, CHUNK):
+        part = flat[a:a + CHUNK]
+        count += int(part.size - np.count_nonzero(np.isfinite(part)))
+    return count
+
+
 def non_finite(ckpt) -> dict[str, int]:
     """{leaf name: number of NaN or inf values} of every leaf that has any, streamed in chunks."""
     bad: dict[str, int] = {}
     for name in ckpt.names():
-        count = 0
-        for arr in _float_parts(ckpt, name):
-            flat = np.asarray(arr).reshape(-1)
-            for a in range(0, flat.size, CHUNK):
-                part = flat[a:a + CHUNK]
-                count += int(part.size - np.count_nonzero(np.isfinite(part)))
+        count = sum(count_non_finite(arr) for arr in _float_parts(ckpt, name))
         if count:
             bad[name] = count
     return bad
+
+
+def check_finite(where, name: str, arr) -> None:
+    """UserError (inspect's message) when the weights `arr` of leaf `name` hold NaN or inf: every
+    command that loads weights refuses them (one NaN makes every logit NaN)."""
+    count = count_non_finite(arr)
+    if count:
+        raise UserError(non_finite_message(where, {name: count}))
 
 
 def non_finite_message(where, bad: dict[str, int]) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grok_deploy.errors import UserError
+from grok_deploy.model.tokenizer import read_tokenizer_bytes
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -143,7 +144,7 @@ def write_hf_tokenizer(model_file, out) -> Path:
 
     model_file, out = Path(model_file), Path(out)
     try:
-        m = read_spm_proto(model_file.read_bytes())
+        m = read_spm_proto(read_tokenizer_bytes(model_file))
     except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
         raise UserError(f"{model_file}: not a SentencePiece model ({e}); pass the checkpoint's tokenizer.model") from None
     tok = build_tokenizer(m)

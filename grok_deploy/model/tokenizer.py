@@ -4,8 +4,11 @@ Grok's runner calls `encode(prompt)`, which adds no BOS and no EOS; so does this
 """
 from __future__ import annotations
 
+import errno
 import io
+import os
 import random
+import stat
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from grok_deploy.errors import UserError
 from grok_deploy.model.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 _WORDS = Path(__file__).with_name("data") / "words.txt"
+MAX_TOKENIZER_BYTES = 64 << 20  # Grok-1's tokenizer.model is 2.2 MB (131072 pieces)
 
 
 class Tokenizer:
@@ -42,7 +46,46 @@ def load_tokenizer(path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: tokenizer not found; put tokenizer.model beside ckpt-0/ or set model.source.tokenizer")
-    return Tokenizer(path.read_bytes(), str(path))
+    return Tokenizer(read_tokenizer_bytes(path), str(path))
+
+
+def _too_big(path: Path, size: int) -> UserError:
+    return UserError(f"{path}: {size} bytes, larger than any SentencePiece model (Grok-1's tokenizer.model is "
+                     f"2.2 MB; at most {MAX_TOKENIZER_BYTES} are read); pass the checkpoint's tokenizer.model")
+
+
+def check_tokenizer_file(path) -> None:
+    """Refuse, from its size alone, a tokenizer.model no SentencePiece model could be (an 8 GB
+    sparse file was read whole: MemoryError)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return  # missing or unreadable: the reader names it
+    if size > MAX_TOKENIZER_BYTES:
+        raise _too_big(Path(path), size)
+
+
+def read_tokenizer_bytes(path) -> bytes:
+    """The bytes of a tokenizer.model: a regular file of at most MAX_TOKENIZER_BYTES, checked
+    before it is read (a FIFO or a device is refused unread, so nothing blocks or fills memory)."""
+    path = Path(path)
+    try:
+        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"{path}: not a regular file (a FIFO, socket or device); pass the checkpoint's "
+                                "tokenizer.model")
+            if st.st_size > MAX_TOKENIZER_BYTES:
+                raise _too_big(path, st.st_size)
+            data = f.read(MAX_TOKENIZER_BYTES + 1)
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; pass the checkpoint's tokenizer.model") from None
+    except OSError as e:
+        why = "a symlink loop" if e.errno == errno.ELOOP else e.strerror
+        raise UserError(f"{path}: cannot read the tokenizer ({why}); pass the checkpoint's tokenizer.model") from None
+    if len(data) > MAX_TOKENIZER_BYTES:  # it grew after the check
+        raise _too_big(path, len(data))
+    return data
 
 
 def tiny_corpus(seed: int, sentences: int = 4000) -> list[str]:

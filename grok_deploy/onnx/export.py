@@ -63,13 +63,20 @@ class _Tracked:
 
     def read(self, name):
         arr = self.ckpt.read(name)
+        self._check(name, arr)
         self.bar.update(arr.nbytes, name=name)
         return arr
 
     def read_expert(self, name, e):
         arr = self.ckpt.read_expert(name, e)
+        self._check(name, arr)
         self.bar.update(arr.nbytes, name=f"{name}[{e}]")
         return arr
+
+    def _check(self, name, arr) -> None:
+        from grok_deploy.checkpoint.info import check_finite
+
+        check_finite(getattr(self.ckpt, "path", "the weights"), name, arr)
 
 
 

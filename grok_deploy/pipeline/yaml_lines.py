@@ -1,9 +1,11 @@
 """The pipeline file's YAML reader: the document plus each key's line, in bounded memory.
 
 `read_yaml(file)` returns the document and {key path tuple: 1-based line} (the line numbers that
-schema.py's messages quote). The file is read only when it is a regular file of at most
-MAX_FILE_BYTES, and the node tree is walked with aliases expanded, up to MAX_NODES values,
-before anything is constructed.
+schema.py's messages quote). A hostile file cannot make it grow: the file is read only when it is
+a regular file of at most MAX_FILE_BYTES; the node tree is walked with anchors and aliases expanded
+before anything is constructed, and the walk stops at MAX_NODES values, MAX_EXPANDED_BYTES of
+keys and scalars, or MAX_DEPTH levels (a recursive anchor, `a: &a {b: *a}`, is an endless chain:
+without the depth limit its key paths alone grow as depth^2, 7 GB in 15 s).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from grok_deploy.errors import UserError
 
 MAX_FILE_BYTES = 1 << 20     # a pipeline.yaml is a few KB; /dev/zero or a 4 GB file is refused unread
 MAX_NODES = 100_000          # YAML nodes after alias expansion (a "billion laughs" file has 10^9)
+MAX_EXPANDED_BYTES = 2 * MAX_FILE_BYTES  # keys + scalars after alias expansion
+MAX_DEPTH = 32               # nesting levels (sections are 2-3 deep; a recursive anchor is endless)
 MAX_INT_DIGITS = 30
 
 
@@ -32,14 +36,22 @@ def line_of(lines: dict, loc: tuple) -> int:
 
 def _node_lines(root, lines: dict, file: Path) -> None:
     """Fill {key path: line} walking the node tree without recursion; aliases are walked where
-    they are used, so the walk counts the expanded document and stops at MAX_NODES."""
-    todo, seen_nodes = [(root, ())], 0
+    they are used, so the walk counts the expanded document and stops at MAX_NODES values,
+    MAX_EXPANDED_BYTES or MAX_DEPTH levels (each bounds the memory and time of what follows)."""
+    todo, seen_nodes, seen_bytes = [(root, ())], 0, 0
     while todo:
         node, path = todo.pop()
         seen_nodes += 1
         if seen_nodes > MAX_NODES:
             raise UserError(f"{file.name}: more than {MAX_NODES} YAML values once anchors and aliases are expanded "
                             "(a pipeline file is a few dozen); remove the repeated aliases")
+        if len(path) > MAX_DEPTH:
+            line = node.start_mark.line + 1
+            raise UserError(f"{file.name} line {line}: nested more than {MAX_DEPTH} levels deep once aliases are "
+                            "expanded (sections are 2-3 levels; an anchor used inside itself never ends); "
+                            "remove the alias or flatten it")
+        if isinstance(node, yaml.ScalarNode):
+            seen_bytes += len(node.value)
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key_node, value in node.value:
@@ -51,12 +63,16 @@ def _node_lines(root, lines: dict, file: Path) -> None:
                     raise UserError(f"{file.name} line {key_node.start_mark.line + 1}: "
                                     f"{'.'.join(map(str, path + (key,)))}: duplicate key; keep one")
                 seen.add(key)
+                seen_bytes += len(key)
                 lines.setdefault(path + (key,), key_node.start_mark.line + 1)
                 todo.append((value, path + (key,)))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 lines.setdefault(path + (i,), item.start_mark.line + 1)
                 todo.append((item, path + (i,)))
+        if seen_bytes > MAX_EXPANDED_BYTES:
+            raise UserError(f"{file.name}: more than {MAX_EXPANDED_BYTES} bytes of keys and values once anchors "
+                            "and aliases are expanded (a pipeline file is a few KB); remove the repeated aliases")
 
 
 class _Loader(yaml.SafeLoader):

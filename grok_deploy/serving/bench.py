@@ -30,6 +30,8 @@ from grok_deploy.serving.client import ServerError, tensor
 
 MODELS = ("ensemble", "tensorrt_llm_bls", "tensorrt_llm")
 REPORT_FILES = ("bench.json", "bench.md", "bench.png")
+MAX_REQUESTS = 10_000     # per level (measured or warm-up): each keeps its prompt and timings in memory
+MAX_CONCURRENCY = 1024    # client threads of one level
 
 
 def single_token_words(tok) -> list[str]:
@@ -227,6 +229,13 @@ def bench(cfg, url: str | None = None, out=None, concurrency=(1, 4, 8), requests
             raise UserError(f"bench: {name} must be positive, got {v}")
     if warmup < 0:
         raise UserError(f"bench: warm-up requests must be >= 0, got {warmup}")
+    for flag, v in (("--requests", requests), ("--warmup", warmup)):
+        if v > MAX_REQUESTS:  # 1e8 requests made 1e8 prompts before the first was sent
+            raise UserError(f"bench: {flag} {v} is more than the {MAX_REQUESTS} one level may send (each request's "
+                            "prompt and timings are kept); run bench several times for more")
+    if max(concurrency, default=1) > MAX_CONCURRENCY:
+        raise UserError(f"bench: concurrency {max(concurrency)} is more than {MAX_CONCURRENCY} client threads; "
+                        "use fewer")
     if input_tokens > cfg.engine.max_input_len or input_tokens + output_tokens > cfg.engine.max_seq_len:
         raise UserError(f"bench: {input_tokens} input + {output_tokens} output tokens do not fit the engine "
                         f"(max_input_len {cfg.engine.max_input_len}, max_seq_len {cfg.engine.max_seq_len})")

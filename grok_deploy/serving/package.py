@@ -164,6 +164,7 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
     from grok_deploy import __version__
     from grok_deploy.manifest import atomic_dir
     from grok_deploy.model.hf_tokenizer import write_hf_tokenizer
+    from grok_deploy.model.tokenizer import check_tokenizer_file
 
     kind = engine_kind or cfg.engine.backend
     if kind not in ENGINE_KINDS:
@@ -174,6 +175,7 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
     tokenizer = Path(tokenizer or _source_manifest(cfg)["tokenizer"])
     if not tokenizer.is_file():
         raise UserError(f"{tokenizer}: tokenizer.model not found; pass the checkpoint's SentencePiece model")
+    check_tokenizer_file(tokenizer)  # before it is copied twice
     _check_engine(kind, engine_dir)
     configs = render_configs(cfg, kind, engine_dir)
     models = {}

@@ -69,3 +69,32 @@ def trusted_or_absent(out: Path) -> None:
         assert f.is_file() and f.stat().st_size == meta["bytes"], name
         if "sha256" in meta:
             assert hashlib.sha256(f.read_bytes()).hexdigest() == meta["sha256"], name
+
+
+def cli_peak(*args, timeout: float = 120, cwd=None) -> tuple[subprocess.CompletedProcess, float]:
+    """The CLI in a subprocess, and that process's peak resident memory in MB (ru_maxrss of this
+    one child, from wait4: other children of the test run do not count)."""
+    import os
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        cmd = [sys.executable, "-m", "grok_deploy.cli", *map(str, args)]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(errors="replace"),
+                                          err.read().decode(errors="replace"))
+    return res, usage.ru_maxrss / 1024
