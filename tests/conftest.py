@@ -6,6 +6,17 @@ import pytest
 TEST_PROMPT = "The answer to life the universe and everything is of course"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_host(tmp_path_factory):
+    """The suite's expectations do not depend on this host's GPU (a GPU host's nvidia-smi would
+    change plan's memory figures; tests that need one put a stand-in on PATH and set this back)
+    nor on a disk-rate measurement cached by an earlier run (the cache goes to a session folder)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GROK_DEPLOY_NVIDIA_SMI", "")
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """grok-1-tiny, seed 0, official format (ckpt-0/ + tokenizer.model). Treat as read-only."""

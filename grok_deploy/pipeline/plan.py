@@ -14,9 +14,10 @@ import shlex
 from grok_deploy.errors import UserError
 from grok_deploy.manifest import replace_problem
 from grok_deploy.model.config import GrokConfig
+from grok_deploy.pipeline.hardware import int8_refusal, resolve_gpu, resolve_host
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
 from grok_deploy.serving.deploy import exposed
-from grok_deploy.trtllm import compat
+from grok_deploy.trtllm import compat, gpus
 from grok_deploy.trtllm.build import trtllm_build_args
 from grok_deploy.trtllm.mpi import mpirun_argv
 
@@ -70,13 +71,15 @@ def active_bytes_per_token(cfg: PipelineConfig) -> int:
     return m.num_layers * per_layer + m.emb_size * a + (m.vocab_size // p.tp) * m.emb_size * a
 
 
-def memory_estimate(cfg: PipelineConfig) -> dict:
-    """Per-GPU memory for max_batch_size x max_seq_len tokens of KV cache, and the fit verdict."""
+def memory_estimate(cfg: PipelineConfig, gpu_info: dict | None = None) -> dict:
+    """Per-GPU memory for max_batch_size x max_seq_len tokens of KV cache, and the fit verdict, on
+    the GPU `gpu_info` (hardware.resolve_gpu; default: the pipeline's, nvidia-smi not asked)."""
     e, hw = cfg.engine, cfg.hardware
+    gpu_info = gpu_info or resolve_gpu(cfg, None)
     w = weights_per_gpu(cfg)
     kv_tok = kv_bytes_per_token(cfg)
     tokens = e.max_batch_size * e.max_seq_len
-    kv, headroom, gpu = kv_tok * tokens, int(hw.headroom_gb * GB), int(hw.gpu_memory_gb * GB)
+    kv, headroom, gpu = kv_tok * tokens, int(hw.headroom_gb * GB), gpu_info["memory_bytes"]
     total = w["total"] + kv + headroom
     fits = total <= gpu
     label = "w8a16" if cfg.quantization == "w8a16" else f"{cfg.dtype} (no quantization)"
@@ -93,17 +96,16 @@ def memory_estimate(cfg: PipelineConfig) -> dict:
         hint = (f"lower engine.max_batch_size or engine.max_seq_len (room for {room // kv_tok} tokens of KV cache)"
                 if room else f"the weights alone do not fit: use {'quantization: w8a16 or ' if cfg.quantization != 'w8a16' else ''}{more}")
         verdict = (f"{label} does not fit with the KV cache asked for at tp {cfg.parallel.tp} x pp {cfg.parallel.pp}: "
-                   f"{detail} per GPU, more than hardware.gpu_memory_gb {hw.gpu_memory_gb:g} GB "
-                   f"({cfg.at('hardware.gpu_memory_gb')}); {hint}")
+                   f"{detail} per GPU, more than {gpu_info['memory_source']}; {hint}")
     free = room * cfg.triton.kv_cache_free_gpu_mem_fraction
     return {"weights_bytes": w["total"], "weights": w, "kv_bytes_per_token": kv_tok, "kv_tokens": tokens,
             "kv_bytes": kv, "headroom_bytes": headroom, "total_bytes": total, "gpu_memory_bytes": gpu,
             "kv_capacity_tokens": int(free // kv_tok) if kv_tok else None, "fits": fits, "verdict": verdict}
 
 
-def roofline(cfg: PipelineConfig) -> dict:
+def roofline(cfg: PipelineConfig, gpu_info: dict | None = None) -> dict:
     active = active_bytes_per_token(cfg)
-    bw = cfg.hardware.hbm_bandwidth_gbps * GB
+    bw = (gpu_info or resolve_gpu(cfg, None))["bandwidth_bytes_per_s"]
     return {"active_weight_bytes_per_token": active, "hbm_bandwidth_bytes_per_s": bw,
             "tokens_per_s_upper_bound": bw / active}
 
@@ -169,6 +171,9 @@ def commands(cfg: PipelineConfig) -> list[dict]:
                                                                  cfg.output("engines"), version)]))
         notes["build"] = (f"flags for TensorRT-LLM {version} ({how}); the build refuses versions outside "
                           f"{compat.known_good_text()}")
+        if compat.installed_version() is None:
+            notes["build"] += (f"; no TensorRT-LLM here: on the GPU host use TensorRT-LLM {compat.ASSUMED}, "
+                               f"the last release that builds Grok engines ({compat.USE})")
     out.append(("deploy", tritonserver_argv(cfg)))
     if cfg.engine.backend == "trtllm" and cfg.hardware.nodes > 1:
         notes["deploy"] = (f"run on the first host of {cfg.resolve(cfg.hardware.hostfile)} (the leader, rank 0, serves); "
@@ -192,6 +197,7 @@ def trtllm_warnings(cfg: PipelineConfig) -> list[str]:
     problem = compat.version_problem(version)
     if problem:
         out.append(problem)
+    out += compat.capability_problems()  # where TensorRT-LLM is installed: trtllm-build, models.grok
     hostfile = cfg.hardware.hostfile
     if cfg.hardware.nodes > 1 and hostfile and not cfg.resolve(hostfile).is_file():
         out.append(f"{cfg.where('hardware.hostfile')}: {cfg.resolve(hostfile)} does not exist; deploy needs it")
@@ -203,18 +209,19 @@ def trtllm_warnings(cfg: PipelineConfig) -> list[str]:
 STATUS = {"run": "would run", "skip": "cached", "n/a": "not applicable"}
 
 
-def verify_estimate(cfg: PipelineConfig) -> dict:
-    """verify.mode resolved, with the peak host memory and time of the reference side."""
+def verify_estimate(cfg: PipelineConfig, host=None) -> dict:
+    """verify.mode resolved, with the peak host memory and time of the reference side on `host`."""
     from grok_deploy.verify.score import golden_estimate, prompt_tokens_guess, score_estimate
 
     mode, why = cfg.verify_mode()
     v = cfg.verify
     tokens = prompt_tokens_guess(list(v.prompts))
-    est = (score_estimate if mode == "score" else golden_estimate)(cfg.grok, v.reference_dtype, tokens, v.max_tokens)
+    est = (score_estimate if mode == "score" else golden_estimate)(cfg.grok, v.reference_dtype, tokens, v.max_tokens,
+                                                                   host=host)
     return {"mode": mode, "why": why, "prompts": len(tokens), "max_tokens": v.max_tokens, **est}
 
 
-def check_shards_estimate(cfg: PipelineConfig) -> dict | None:
+def check_shards_estimate(cfg: PipelineConfig, host=None) -> dict | None:
     """Peak host memory and time of the streamed check-shards stage; None when it is off."""
     from grok_deploy.trtllm.check_shards import check_estimate
     from grok_deploy.trtllm.shard import Mapping
@@ -222,7 +229,7 @@ def check_shards_estimate(cfg: PipelineConfig) -> dict | None:
     if not cfg.verify.check_shards:
         return None
     p = cfg.parallel
-    return check_estimate(cfg.grok, Mapping(p.tp, p.pp, p.moe_tp, p.moe_ep), cfg.quantization)
+    return check_estimate(cfg.grok, Mapping(p.tp, p.pp, p.moe_tp, p.moe_ep), cfg.quantization, host)
 
 
 def plan_doc(cfg: PipelineConfig) -> dict:
@@ -233,9 +240,16 @@ def plan_doc(cfg: PipelineConfig) -> dict:
         problem = replace_problem(d.out, d.stage.name) if d.out is not None and d.action != "n/a" else None
         if problem:
             raise UserError(f"stage {d.stage.name}: {problem}")
-    mem, roof = memory_estimate(cfg), roofline(cfg)
+    gpu = resolve_gpu(cfg, gpus.detect())
+    mem, roof, host = memory_estimate(cfg, gpu), roofline(cfg, gpu), resolve_host(cfg)
+    alt = None
+    if cfg.quantization == "w8a16" and cfg.engine.backend == "trtllm":  # what fits where int8 cannot be built
+        alt = memory_estimate(cfg.model_copy(update={"quantization": "none", "dtype": "bfloat16"
+                                                     if cfg.dtype == "float32" else cfg.dtype}), gpu)
+    refusal = int8_refusal(cfg, gpu, alt)
+    gpu = {**gpu, "w8a16_refused": refusal}
     warnings = [f"{cfg.where(k)}: {path} does not exist; `run` needs it for the stages that read the source"
-                for k, path in cfg.missing_paths()] + trtllm_warnings(cfg) + problems
+                for k, path in cfg.missing_paths()] + trtllm_warnings(cfg) + problems + gpu.pop("warnings")
     if exposed(cfg.server.address):
         warnings.append(f"{cfg.where('server.address')}: {cfg.server.address} makes the server listen on every "
                         "network interface, reachable from other machines without authentication; use 127.0.0.1 "
@@ -246,8 +260,11 @@ def plan_doc(cfg: PipelineConfig) -> dict:
                     "output": str(d.out) if d.out else None, "fingerprint": d.fingerprint} for d in decisions],
         "commands": commands(cfg),
         "memory_per_gpu_bytes": mem["total_bytes"], "memory": mem, "fits": mem["fits"], "verdict": mem["verdict"],
-        "roofline": roof, "verify": verify_estimate(cfg), "check_shards": check_shards_estimate(cfg),
-        "warnings": warnings,
+        "roofline": roof, "verify": verify_estimate(cfg, host), "check_shards": check_shards_estimate(cfg, host),
+        "warnings": warnings, "gpu": gpu, "memory_unquantised": alt if refusal else None, "host": host.to_dict(),
+        "host_assumed": host.describe(),
+        **({"trtllm": {"flags_version": flags_version(cfg)[0], "installed": compat.installed_version(),
+                       "container": compat.CONTAINER}} if cfg.engine.backend == "trtllm" else {}),
     }
 
 
@@ -269,11 +286,19 @@ def render(doc: dict, cfg: PipelineConfig) -> str:
               f"  headroom         {mem['headroom_bytes'] / 1e9:8.2f} GB",
               f"  total            {mem['total_bytes'] / 1e9:8.2f} GB  of {mem['gpu_memory_bytes'] / 1e9:.0f} GB; "
               f"KV capacity ~{mem['kv_capacity_tokens']} tokens",
-              f"  {mem['verdict']}",
+              f"  {mem['verdict']}"]
+    alt = doc.get("memory_unquantised")
+    if alt:
+        lines.append(f"  unquantised {cfg.dtype if cfg.dtype != 'float32' else 'bfloat16'}: weights "
+                     f"{alt['weights_bytes'] / 1e9:.2f} GB, total {alt['total_bytes'] / 1e9:.2f} GB of "
+                     f"{alt['gpu_memory_bytes'] / 1e9:.0f} GB: {'fits' if alt['fits'] else 'does not fit'} "
+                     f"(W8A16 cannot be built on this GPU)")
+    lines += [f"GPU: {doc['gpu']['name'] or 'unnamed'} ({doc['gpu']['how']}), compute capability "
+              f"{doc['gpu']['compute_capability'] or 'unknown'}",
               f"decode roofline: {roof['active_weight_bytes_per_token'] / 1e9:.3f} GB active weights per token per rank "
               f"/ {roof['hbm_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> <= {roof['tokens_per_s_upper_bound']:.0f} tokens/s per sequence"]
     v = doc["verify"]
-    lines += [f"verify: mode {v['mode']} ({v['why']}); {cfg.verify.reference_dtype} reference peak ~{v['peak_bytes'] / 1e9:.1f} GB "
+    lines += [f"estimates for this host: {doc['host_assumed']}", f"verify: mode {v['mode']} ({v['why']}); {cfg.verify.reference_dtype} reference peak ~{v['peak_bytes'] / 1e9:.1f} GB "
               f"host memory, ~{_duration(v['seconds'])} for {v['prompts']} prompts x {v['max_tokens']} tokens"
               + (f" ({v['seconds_per_layer']:.1f} s and {v['bytes_per_layer'] / 1e9:.2f} GB read per layer)"
                  if v["mode"] == "score" else "")]
@@ -303,6 +328,8 @@ def cli_plan(args) -> int:
     if doc.get("kubernetes_manifest") and not args.json:
         print(f"wrote {doc['kubernetes_manifest']}: LeaderWorkerSet of {cfg.hardware.nodes} pods x "
               f"{cfg.world_size // cfg.hardware.nodes} GPUs and a Service on the leader")
+    if doc["gpu"]["w8a16_refused"]:
+        raise UserError(doc["gpu"]["w8a16_refused"])
     if cfg.engine.backend == "trtllm" and not doc["fits"]:
         raise UserError(doc["verdict"])
     return 0

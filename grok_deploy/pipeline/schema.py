@@ -20,7 +20,7 @@ from grok_deploy.manifest import overlaps
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
 from grok_deploy.pipeline.yaml_lines import line_of, read_yaml
 from grok_deploy.serving.deploy import address_problem
-from grok_deploy.trtllm import compat
+from grok_deploy.trtllm import compat, gpus
 from grok_deploy.verify.report import Tolerances as _Tol
 
 # Every number has an upper bound (the fuzz of issue 13 found overflows in plan's arithmetic and
@@ -105,8 +105,10 @@ class Server(_Section):
 
 
 class Hardware(_Section):
-    gpu_memory_gb: PosFloat = 80.0   # GB = 1e9 bytes
+    gpu: Literal[tuple(gpus.GPUS)] | None = None  # sets the next two (trtllm/gpus.py); nvidia-smi's answer wins
+    gpu_memory_gb: PosFloat = 80.0   # GB = 1e9 bytes; written here, it wins over hardware.gpu's
     hbm_bandwidth_gbps: PosFloat = 3350.0
+    disk_read_gbps: PosFloat | None = None  # checkpoint reads, for the estimates; default: measured (host.py)
     gpus_per_node: Count = 8
     nodes: Count = 1                 # > 1: the ranks are spread over nodes, one tritonserver per rank
     hostfile: str | None = None      # MPI hostfile (`host slots=N` lines), needed when nodes > 1
@@ -398,8 +400,7 @@ def check_trtllm(cfg: PipelineConfig) -> None:
             raise cfg.fail("hardware.nodes", f"{hw.nodes} nodes need hardware.hostfile: an MPI hostfile with one "
                            f"`host slots={cfg.world_size // hw.nodes}` line per node")
     if cfg.quantization == "w8a16" and cfg.dtype == "float32":
-        raise cfg.fail("dtype", "float32 with quantization w8a16: TensorRT-LLM's weight-only GEMM and MoE plugins "
-                       "have no float32 path for int8 weights; use bfloat16 (or quantization: none)")
+        raise cfg.fail("dtype", compat.W8A16_FLOAT32)
     if eng.trtllm_version != "auto":
         try:
             problem = compat.version_problem(eng.trtllm_version)

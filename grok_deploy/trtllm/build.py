@@ -150,10 +150,21 @@ def model_sizes(config: dict) -> SimpleNamespace:
 
 
 def check_buildable(config: dict, version: str) -> None:
-    """Refuse, before anything is built, a TensorRT-LLM version outside the known-good range and
-    sizes that version cannot build (compat.size_problems)."""
+    """Refuse, before anything is built: a TensorRT-LLM version outside the known-good range, one
+    without trtllm-build or the Grok model (compat.capability_problems), W8A16 on a GPU whose
+    builder refuses int8 weight-only (gpus.int8_problem, the GPU from nvidia-smi), and sizes that
+    version cannot build (compat.size_problems)."""
+    from grok_deploy.trtllm import gpus
+
     compat.check_version(version)
+    missing = compat.capability_problems()
+    if missing:
+        raise UserError("; ".join(missing))
     quant = "w8a16" if config["quantization"].get("quant_algo") else "none"
+    gpu = gpus.detect()
+    problem = gpu and gpus.int8_problem(quant, gpu.name, gpu.sm, config["dtype"])
+    if problem:
+        raise UserError(f"{problem} (then convert again; `grok-deploy plan` shows the memory it needs)")
     problems = compat.size_problems(model_sizes(config), config["mapping"]["tp_size"], quant, version)
     if problems:
         raise UserError(f"TensorRT-LLM {version} cannot build this checkpoint: {'; '.join(problems)}; "

@@ -2,13 +2,12 @@
 
 The work is trtllm/check_stream.py (layer-streamed, bounded memory: one expert at a time, one
 gloo process per rank reading only its own file). This module keeps the stage entry, the CLI,
-the rank-file layout audit, the estimate `plan` prints (torch-free) and the per-element tolerance
-of a rank tensor against the source:
-- 0 where the values are the source's (float32 copies, the release's int8 codes and scales);
-- the dtype's rounding where a value is cast (bf16 2^-8, f16 2^-11 relative);
-- half a step of the stored per-channel scale (x 1.01) where the codes were requantised.
-The sharded run is compared with the reference run on the same effective weights (what the rank
-files hold), which must agree to float32 rounding; what quantisation changed is reported apart.
+the rank-file layout audit and the estimate `plan` prints (torch-free); the per-element
+tolerance of a rank tensor against the source is trtllm/tolerance.py (0 where the values are
+copied, the dtype's rounding where cast, half a step of the stored scale where requantised).
+check_stream imports nothing from here (no import circle). The sharded run is compared with the
+reference run on the same effective weights (what the rank files hold), which must agree to
+float32 rounding; what quantisation changed is reported apart.
 """
 from __future__ import annotations
 
@@ -16,27 +15,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from grok_deploy.errors import UserError
 from grok_deploy.trtllm import names as tn
 from grok_deploy.trtllm.shard import Mapping
-
-# relative rounding of a value stored in each dtype (round to nearest)
-DTYPE_RTOL = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
-
-
-def _tolerance(name, part, exp, scales, quant, dtype, requantized) -> np.ndarray | float:
-    """Allowed |rank value - source value|: per element, or broadcastable ((1, N): per column),
-    or one number (0: the values must be the source's exactly)."""
-    if part and quant == "w8a16" and part in requantized:
-        return 0.5 * 1.01 * np.asarray(scales[name])[..., None, :]  # half a step of the stored scale
-    if part and quant == "w8a16":  # the release's codes; scales exact in bf16 and f32
-        return np.abs(exp) * DTYPE_RTOL["float16"] if dtype == "float16" else 0.0
-    if name.endswith(tn.ROUTER) or dtype == "float32":
-        return 0.0  # float32 copies
-    return np.abs(exp) * DTYPE_RTOL[dtype] + (6e-8 if dtype == "float16" else 0.0)  # f16 subnormals
-
 
 def audit_layout(header: dict, specs, file: str) -> list[dict]:
     """Names, shapes and dtypes of a rank file's header against convert.rank_specs."""
@@ -75,7 +56,8 @@ def _spawn(entry, job: dict, world: int, timeout: float) -> None:
 # prompt) on this project's 2-core host, quiet, page cache emptied first: per layer the audit
 # 21.6 s, the reference passes 8.1 s (source) and 15.2 s (effective weights), the ranks 8.3 s; the
 # embedding, lm_head and process starts 70 s; 6.7 GB for all processes together, each rank 0.85 GB
-# (~0.25 GB plus its lm_head slice, bf16 read and f32 copy, at the final logits).
+# (~0.25 GB plus its lm_head slice, bf16 read and f32 copy, at the final logits). The rates are
+# host.REFERENCE's; host.Host.scale carries each term over to another host.
 AUDIT_BPS = 0.45e9     # bytes of source + rank files compared per second (mostly reading them)
 PASS_BPS = 0.42e9      # a reference pass (source, effective weights): stored layer bytes per second
 RANKS_BPS = 0.6e9      # the rank processes together (their slices add up to one layer)
@@ -83,18 +65,23 @@ START_S = 1.5         # starting a process that imports torch (2 cores)
 RANK_BASE = 0.25e9     # a rank process: interpreter, torch, gloo, one expert slice
 
 
-def check_estimate(cfg, m: Mapping, quant: str) -> dict:
+def check_estimate(cfg, m: Mapping, quant: str, host=None) -> dict:
     """Peak host memory (all processes together) and time of the streamed check of a TensorRT-LLM
-    checkpoint of `cfg` (a GrokConfig) sharded as `m`, on the 13-token shards prompt (pure; no
-    files, no torch: `plan` prints it)."""
+    checkpoint of `cfg` (a GrokConfig) sharded as `m`, on the 13-token shards prompt, on `host`
+    (a host.Host; default: this one's cores, the reference disk) (pure; no files, no torch:
+    `plan` prints it)."""
+    from grok_deploy.host import current
+
+    host = host or current()
     d, f, e, v = cfg.emb_size, cfg.ffn_size, cfg.num_experts, cfg.vocab_size
     w = 1 if quant == "w8a16" else 2  # bytes per stored matrix weight in the rank files
     layer = e * 3 * d * f + 2 * cfg.q_size * d + 2 * cfg.kv_size * d  # int8 source bytes of a layer
     emb_src, emb_rank = v * d * 4, v * d * 2                       # f32 in the release, bf16 copies
     audited = cfg.num_layers * layer * (1 + w) + emb_src + (m.tp + 1) * emb_rank
-    ranks = cfg.num_layers * layer * w / RANKS_BPS + emb_rank / RANKS_BPS + START_S * m.world
-    seconds = (audited / AUDIT_BPS + cfg.num_layers * layer * 2 / PASS_BPS + ranks
-               + 4 * emb_src / PASS_BPS + START_S)  # two logits passes over the table
+    rank_bytes, pass_bytes = cfg.num_layers * layer * w + emb_rank, cfg.num_layers * layer * 2
+    ranks = host.scale(rank_bytes / RANKS_BPS, rank_bytes) + host.scale(START_S * m.world)
+    seconds = (host.scale(audited / AUDIT_BPS, audited) + host.scale(pass_bytes / PASS_BPS, pass_bytes) + ranks
+               + host.scale(4 * emb_src / PASS_BPS, 4 * emb_src) + host.scale(START_S))  # two logits passes over the table
     lm_slice = v // m.tp * d * 6  # a rank's lm_head slice: bf16 read + f32 copy
     parent = 0.5e9 + 3 * d * f * (1 + w) + 8192 * d * 4 * 3  # an expert's source + rank bytes, row blocks
     return {"processes": m.world + 1, "peak_bytes": int(max(parent, 0.3e9 + m.world * (RANK_BASE + lm_slice))),

@@ -5,7 +5,7 @@ by luck):
 1. Do the rank files hold what the source implies? Every tensor of every rank, one expert at a
    time, against the source sharded by shard.py, within a per-element bound: 0 where the values
    are copied, the dtype's rounding where they are cast, half a quantisation step of the stored
-   scale where they were requantised (check_shards._tolerance). A mismatch names the file, the
+   scale where they were requantised (tolerance.py). A mismatch names the file, the
    tensor and the experts.
 2. Is the sharding exact? The rank processes (gloo, one per rank) each read only their file's
    slices of a layer and run that layer on the same input activations as the reference run on
@@ -36,6 +36,7 @@ from grok_deploy.model.quantized import ColumnConcat, QuantizedMatrix, RowConcat
 from grok_deploy.trtllm import names as tn
 from grok_deploy.trtllm import shard
 from grok_deploy.trtllm.shard import Mapping
+from grok_deploy.trtllm.tolerance import tolerance
 
 SHARD_RTOL = 1e-4   # float32 sums in another order: relative to the largest |value| of the tensor
 NORM_ATTR = {"input_layernorm.weight": "norm0", "post_attn_layernorm.weight": "norm1",
@@ -206,14 +207,12 @@ EXACT = {"max": 0.0, "sq_err": 0.0, "sq_ref": 0.0, "over": False}  # bit-identic
 
 def _compare(name, got: torch.Tensor, exp, scale, quant, dtype, requantized) -> dict:
     """One tensor (or expert, or row block) in float32 against its source values, within
-    check_shards._tolerance; `got` is consumed (its buffer holds the differences)."""
-    from grok_deploy.trtllm.check_shards import _tolerance
-
+    tolerance.tolerance; `got` is consumed (its buffer holds the differences)."""
     exp = torch.as_tensor(np.asarray(exp, np.float32))
     if tuple(got.shape) != tuple(exp.shape):
         return {"shape": f"shape {list(got.shape)}, expected {list(exp.shape)}"}
     part = next((p for p in tn.MATRICES if name.endswith(p + tn.WEIGHT)), None)
-    tol = _tolerance(name, part, exp.numpy(), {name: scale} if scale is not None else {}, quant, dtype, requantized)
+    tol = tolerance(name, part, exp.numpy(), {name: scale} if scale is not None else {}, quant, dtype, requantized)
     diff = got.sub_(exp).abs_()
     over = bool((diff > torch.as_tensor(tol)).any()) if np.ndim(tol) else bool(diff.max() > float(tol))
     return {"max": float(diff.max()) if diff.numel() else 0.0, "sq_err": float(torch.dot(diff.ravel(), diff.ravel())),

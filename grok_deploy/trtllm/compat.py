@@ -12,7 +12,11 @@ Facts (issue 14, tried against TensorRT-LLM's own `GrokForCausalLM` loading path
 - the soft-capped attention kernels take head sizes 128 and 256 only;
 - from 0.17 `--paged_kv_cache` is deprecated for `--kv_cache_type paged|disabled`;
 - 0.11-era paged context FMHA rejects the soft-cap ("Paged KV FMHA doesn't support qk_tanh_scale");
-  later kernels do not, and disabling it costs KV-cache reuse and chunked context.
+  later kernels do not, and disabling it costs KV-cache reuse and chunked context;
+- 1.3.0rc21 removed the TensorRT-engine path: no `trtllm-build`, no `tensorrt_llm.models.grok`, no
+  C++ Triton backend (only the PyTorch backend, which has no Grok model). 1.2.1 is the last stable
+  release that builds Grok engines; the Triton containers 26.04-26.07 ship it with the C++ backend,
+  26.07 last (issue 19). Its builder refuses INT8/INT4 weight-only on SM 100-119 (gpus.py).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from grok_deploy.errors import UserError
 
 # [low, high) ranges of versions that build and load Grok checkpoints; ".dev0" bounds exclude a
 # whole release line including its dev builds.
-KNOWN_GOOD = (("0.12.0", "0.14.0.dev0"), ("0.15.0.dev2024101500", "2.0.0.dev0"))
+KNOWN_GOOD = (("0.12.0", "0.14.0.dev0"), ("0.15.0.dev2024101500", "1.3.0rc21"))
+REMOVED_IN = "1.3.0rc21"     # the first version without trtllm-build, models.grok and the C++ backend
 # why a version outside the range fails, for the error message: (low, high, reason)
 KNOWN_BAD = (
     ("0.0", "0.11.0.dev0", "no Grok model before 0.11"),
@@ -30,7 +35,13 @@ KNOWN_BAD = (
     ("0.14.0.dev0", "0.15.0.dev2024101500", "MoeConfig arguments are passed by position after a field "
      "was inserted, so top_k lands in the wrong field (fixed by 0.15.0.dev2024101500)"),
 )
-ASSUMED = "0.15.0"           # the version `plan` writes flags for when none is installed or pinned
+ASSUMED = "1.2.1"            # the version `plan` writes flags for when none is installed or pinned
+CONTAINER = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"  # the last Triton image with 1.2.1
+# the pipeline schema (dtype) and `grok-deploy convert` (--dtype) refuse this pair with these words
+W8A16_FLOAT32 = ("float32 with quantization w8a16: TensorRT-LLM's weight-only GEMM and MoE plugins have no float32 "
+                 "path for int8 weights; use bfloat16 (or quantization: none)")
+INSTALL = f"pip install tensorrt-llm=={ASSUMED}"
+USE = f"{INSTALL}, or run in the container {CONTAINER} (docs/deploy-grok-1.md)"
 KV_CACHE_TYPE_FROM = "0.17.0.dev0"   # --paged_kv_cache deprecated, --kv_cache_type instead
 SOFTCAP_PAGED_FMHA_FROM = "0.12.0"   # paged context FMHA accepts the soft-cap
 WEIGHT_ONLY_PAD_FROM = "0.14.0.dev0"  # weight-only linears pad in/out features to 64 x tp
@@ -68,9 +79,13 @@ def version_problem(version: str) -> str | None:
     """Why `version` cannot build Grok, or None when it lies in the known-good range."""
     if any(in_range(version, lo, hi) for lo, hi in KNOWN_GOOD):
         return None
-    why = next((r for lo, hi, r in KNOWN_BAD if in_range(version, lo, hi)), "newer than any version checked")
+    if at_least(version, REMOVED_IN):
+        return (f"TensorRT-LLM {version} cannot build Grok: TensorRT-LLM removed the TensorRT-engine path "
+                f"(trtllm-build, tensorrt_llm.models.grok and the C++ Triton backend) and Grok in {REMOVED_IN}; "
+                f"use {ASSUMED}, the last release that builds it: {USE}")
+    why = next((r for lo, hi, r in KNOWN_BAD if in_range(version, lo, hi)), "not a version checked")
     return (f"TensorRT-LLM {version} is outside the known-good range for Grok ({known_good_text()}): {why}; "
-            f"install one in the range, e.g. pip install tensorrt_llm=={ASSUMED} (docs/deploy-grok-1.md)")
+            f"install {ASSUMED}: {USE}")
 
 
 def check_version(version: str) -> None:
@@ -90,6 +105,33 @@ def installed_version() -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+def capability_problems() -> list[str]:
+    """What the installed TensorRT-LLM lacks to build Grok engines, found without importing it (its
+    import loads CUDA): `trtllm-build` on PATH, and the `tensorrt_llm.models.grok` module located
+    by the import system's path finder, one package level at a time. Empty when nothing is
+    installed (the version check and the build say so)."""
+    import importlib.util
+    import shutil
+    from importlib.machinery import PathFinder
+
+    top = importlib.util.find_spec("tensorrt_llm")  # the top level is located, never executed
+    if top is None:
+        return []
+    out = []
+    if shutil.which("trtllm-build") is None:
+        out.append(f"trtllm-build is not on PATH: the installed TensorRT-LLM has no engine builder (removed in "
+                   f"{REMOVED_IN}) or its scripts folder is not on PATH; {USE}")
+    spec = top
+    for part in ("models", "grok"):
+        spec = PathFinder.find_spec(part, spec.submodule_search_locations) if spec.submodule_search_locations else None
+        if spec is None:
+            break
+    if spec is None:
+        out.append(f"tensorrt_llm.models.grok is not found in {top.origin or 'the installed tensorrt_llm'}: this "
+                   f"TensorRT-LLM has no Grok model (removed with the TensorRT-engine path in {REMOVED_IN}); {USE}")
+    return out
 
 
 def build_flags(version: str, paged_kv_cache: bool, use_paged_context_fmha: bool | None) -> list[str]:

@@ -2,7 +2,7 @@
 
 Streaming and bounded memory: each rank file is written front to back, its safetensors header
 first (offsets computed from shapes and dtypes known up front), then one tensor, or one expert
-slice, at a time, hashed on the way. Ranks run in worker processes. The output folder appears
+slice, at a time, hashed on the way. Ranks run in worker processes (convert_pool.py). The output folder appears
 atomically (temporary folder, then rename) and manifest.json is written last.
 
 W8A16 keeps the raw [in, out] int8 codes ("preprocessed": false): TensorRT-LLM's mixed-GEMM
@@ -33,6 +33,7 @@ from grok_deploy.manifest import check_output, check_space, clean_stale, commit,
 from grok_deploy.model import names
 from grok_deploy.trtllm import names as tn
 from grok_deploy.trtllm import shard
+from grok_deploy.trtllm.convert_pool import report, run_ranks
 from grok_deploy.trtllm.safetensors_writer import RankWriter, Spec, np_dtype
 from grok_deploy.trtllm.shard import Mapping
 
@@ -279,33 +280,9 @@ class RankProducer:
         self.errors[part] = max(self.errors.get(part, 0.0), err)
 
 
-# --- one rank in a worker process -------------------------------------------------------------------
+# --- one rank (run by convert_pool, in this process or a worker) -------------------------------------
 
-_CKPTS: dict = {}
-_SINK = None  # progress: a multiprocessing queue in workers, a callable in-process
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int) -> None:
-    """In a worker: get SIGKILL from the kernel when the parent dies (Linux prctl), even by
-    SIGKILL, and ignore Ctrl-C (it reaches the whole process group; the parent handles it and
-    stops the workers)."""
-    import ctypes
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's clean-up still stops the workers
-        pass
-    if os.getppid() != parent:  # the parent died before the prctl took effect
-        os._exit(1)
-
-
-def _report(nbytes: int) -> None:
-    if _SINK is None:
-        return
-    _SINK.put(("bytes", nbytes)) if hasattr(_SINK, "put") else _SINK(nbytes)
+_CKPTS: dict = {}  # open checkpoints of this process, by (source, preset)
 
 
 def convert_rank(job: dict) -> dict:
@@ -332,85 +309,14 @@ def convert_rank(job: dict) -> dict:
             writer.write(name, chunk)
             pending += chunk.nbytes
             if pending >= REPORT_BYTES:
-                _report(pending)
+                report(pending)
                 pending = 0
         sha = writer.close()
-        _report(pending)
+        report(pending)
     except BaseException:
         writer.abort()
         raise
     return {"file": path.name, "bytes": writer.size, "sha256": sha, "errors": producer.errors}
-
-
-def _worker(jobs: list[dict], queue, parent: int) -> None:
-    """A worker process: its ranks one after the other; results and failures go to `queue`."""
-    global _SINK
-    die_with_parent(parent)
-    _SINK = queue
-    for job in jobs:
-        try:
-            queue.put(("done", job["rank"], convert_rank(job)))
-        except UserError as e:
-            queue.put(("user", job["rank"], str(e)))
-            return
-        except BaseException:
-            import traceback
-            queue.put(("bug", job["rank"], traceback.format_exc()))
-            return
-
-
-def _run(jobs: list[dict], workers: int, on_bytes) -> list[dict]:
-    """Convert every job's rank; `workers` > 1: in that many processes, which die with this one
-    (parent-death signal) and are killed here on any failure, Ctrl-C or SIGTERM."""
-    global _SINK
-    if workers <= 1 or len(jobs) == 1:
-        _SINK = on_bytes
-        try:
-            return [convert_rank(j) for j in jobs]
-        finally:
-            _SINK = None
-    import multiprocessing as mp
-    from queue import Empty
-
-    ctx = mp.get_context("spawn")  # no fork of a parent holding open files and threads
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(jobs[i::workers], queue, os.getpid()), daemon=True)
-             for i in range(workers)]
-    results: dict[int, dict] = {}
-    try:
-        for p in procs:
-            p.start()
-        while len(results) < len(jobs):
-            try:
-                kind, *rest = queue.get(timeout=0.1)
-            except Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:  # e.g. the kernel's OOM killer: a clear error, nothing kept
-                    code = dead[0].exitcode
-                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                    raise UserError(f"convert: a worker process (pid {dead[0].pid}) {how}"
-                                    f"{' (out of memory?)' if code == -9 else ''}; nothing was kept; "
-                                    "run again, with fewer --workers if memory is short")
-                continue
-            if kind == "bytes":
-                on_bytes(rest[0])
-            elif kind == "done":
-                results[rest[0]] = rest[1]
-            elif kind == "user":
-                raise UserError(rest[1])
-            else:
-                raise RuntimeError(f"convert worker for rank {rest[0]} failed:\n{rest[1]}")
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            if p.pid is not None:
-                p.join()
-        queue.close()
-    return [results[j["rank"]] for j in jobs]
 
 
 # --- the stage ---------------------------------------------------------------------------------------
@@ -454,7 +360,7 @@ def convert(src, out, tp: int, moe_tp: int | None = None, moe_ep: int | None = N
         jobs = [{"src": str(src), "preset": cfg, "dir": str(tmp), "mapping": m.to_dict(),
                  "rank": r, "quant": quant, "dtype": dtype} for r in range(m.world)]
         with _progress_bar(total, progress) as bar:
-            results = _run(jobs, workers, lambda n: bar.update(n, items=0))
+            results = run_ranks(convert_rank, jobs, workers, lambda n: bar.update(n, items=0))
         manifest = _manifest(src, ckpt, m, quant, dtype, requant, workers, t0, config_bytes, results)
         commit(tmp, out, manifest)  # manifest.json last
     except BaseException:
@@ -495,6 +401,10 @@ def _manifest(src, ckpt, m: Mapping, quant, dtype, requant, workers, t0, config_
 def cli_convert(args) -> int:
     from grok_deploy.manifest import lock
 
+    if args.quant == "w8a16" and args.dtype == "float32":  # refused before anything is written
+        from grok_deploy.trtllm.compat import W8A16_FLOAT32
+
+        raise UserError(f"--dtype: {W8A16_FLOAT32}")
     with lock(Path(args.out).resolve().parent, f"grok-deploy convert {args.out}"):
         man = convert(args.ckpt, args.out, args.tp, args.moe_tp, args.moe_ep, args.pp, args.quant,
                       args.dtype, args.workers, progress=True, preset=getattr(args, "preset", None))

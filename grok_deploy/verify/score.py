@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from grok_deploy.host import Host, current
 from grok_deploy.verify.reference import TOP_K
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -90,14 +91,16 @@ def peak_rss_bytes() -> int:
 # --- estimates for `plan` and verify.mode: auto (pure; no torch) --------------------------------
 
 # Measured by bench/verify_fullsize.py (Grok-1 width, 2 layers, official format, float32, 8 prompts
-# x 32 served tokens, 496 tokens a layer) on this project's 2-core host, quiet, the page cache
-# emptied first (at full size 318 GB cannot stay cached): 59.1 s and 4.92 GB read per layer
-# (51.7 s with the files cached), 17 s for the embedding and unembedding. The estimate is
-# time = stored bytes / READ_BPS + flops / FLOPS: a loaded host is slower (the same bench under a
-# load average of ~9 took 231.5 s a layer), a larger one faster.
+# x 32 served tokens, 496 tokens a layer) on this project's 2-core host (host.REFERENCE), quiet,
+# the page cache emptied first (at full size 318 GB cannot stay cached): 59.1 s and 4.92 GB read per
+# layer (51.7 s with the files cached), 17 s for the embedding and unembedding. The estimate is
+# time = stored bytes / READ_BPS + flops / FLOPS on that host, carried over to this one by
+# host.Host.scale (the disk part at this disk's rate, the rest over the usable cores): a loaded
+# host is slower (the same bench under a load average of ~9 took 231.5 s a layer).
 READ_BPS = 0.25e9      # stored (int8) bytes per second read from disk and dequantised (block by block)
 FLOPS = 33e9           # sustained f32 matmul flop/s of a streamed layer (2 cores)
 MEM_BPS = 10e9         # weights streamed from RAM per decode step (golden mode)
+# (all three on host.REFERENCE; Host.scale carries them over)
 
 
 def reference_ram_bytes(m, dtype: str) -> int:
@@ -129,18 +132,24 @@ def prompt_tokens_guess(prompts: list[str]) -> list[int]:
     return [max(1, round(len(p.encode()) / 4)) for p in prompts]
 
 
-def golden_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int, batch: int = 4) -> dict:
-    """Peak memory and time of the in-RAM reference (load every weight, then decode on the KV cache)."""
+def golden_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int, batch: int = 4,
+                    host: Host | None = None) -> dict:
+    """Peak memory and time of the in-RAM reference (load every weight, then decode on the KV cache)
+    on `host` (default: this one's cores, the reference disk)."""
+    host = host or current()
     a = DTYPE_BYTES[dtype]
     stored = m.param_count()  # ~1 byte a weight stored (int8), read and dequantised once
     steps = -(-len(prompt_tokens) // batch) * max_tokens  # batched decode steps
     flops = 2 * m.active_param_count() * (sum(prompt_tokens) + len(prompt_tokens) * max_tokens)
-    seconds = stored / READ_BPS + steps * m.param_count() * a / MEM_BPS + flops / FLOPS
+    seconds = (host.scale(stored / READ_BPS, stored) + host.scale(steps * m.param_count() * a / MEM_BPS)
+               + host.scale(flops / FLOPS))
     return {"peak_bytes": int(reference_ram_bytes(m, dtype) * 1.25), "seconds": seconds}
 
 
-def score_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int) -> dict:
-    """Peak memory and time of a streamed scoring pass of these prompts (token counts)."""
+def score_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int, host: Host | None = None) -> dict:
+    """Peak memory and time of a streamed scoring pass of these prompts (token counts) on `host`
+    (default: this one's cores, the reference disk)."""
+    host = host or current()
     d, f, e, k, v = m.emb_size, m.ffn_size, m.num_experts, m.num_selected_experts, m.vocab_size
     a = DTYPE_BYTES[dtype]
     n = sum(prompt_tokens) + len(prompt_tokens) * max_tokens  # tokens through every layer
@@ -154,7 +163,7 @@ def score_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int) -> 
     peak = expert + attn + acts + logits + 400e6        # + the interpreter, torch and numpy
     stored = e * 3 * d * f * 1 + (2 * m.q_size * d + 2 * m.kv_size * d) + e * d * 4  # int8 + router
     flops = 2 * n * (k * 3 * d * f + 2 * m.q_size * d + 2 * m.kv_size * d) + 4 * b * t * t * m.q_size
-    layer_s = stored / READ_BPS + flops / FLOPS
-    unembed_s = v * d * 4 / READ_BPS + 2 * len(prompt_tokens) * max_tokens * v * d / FLOPS
+    layer_s = host.scale(stored / READ_BPS, stored) + host.scale(flops / FLOPS)
+    unembed_s = host.scale(v * d * 4 / READ_BPS, v * d * 4) + host.scale(2 * len(prompt_tokens) * max_tokens * v * d / FLOPS)
     return {"peak_bytes": int(peak), "seconds_per_layer": layer_s, "bytes_per_layer": int(stored),
             "seconds": m.num_layers * layer_s + unembed_s, "tokens": n}

@@ -80,10 +80,11 @@ def test_h100_plan_commands(tmp_path, capsys):
     assert [c["stage"] for c in doc["commands"]] == ["convert", "check-shards", "preprocess", "build", "deploy"]
     build = " ".join(cmds["build"])
     assert cmds["build"][0] == "trtllm-build"
-    assert "--use_paged_context_fmha" not in build  # flags for 0.15 (assumed): the default, which keeps KV reuse
+    assert "--use_paged_context_fmha" not in build  # flags for 1.2.1 (pinned): the default, which keeps KV reuse
+    assert "--paged_kv_cache" not in build  # deprecated since 0.17; 1.2.1 spells it --kv_cache_type
     for flag in ("--checkpoint_dir " + str(tmp_path / "export/trtllm_ckpt_preprocessed"), "--output_dir " + str(tmp_path / "engines/trtllm"),
                  "--gpt_attention_plugin bfloat16", "--gemm_plugin bfloat16", "--moe_plugin bfloat16",
-                 "--paged_kv_cache enable", "--remove_input_padding enable",
+                 "--kv_cache_type paged", "--remove_input_padding enable",
                  "--max_batch_size 64", "--max_input_len 4096", "--max_seq_len 8192", "--max_num_tokens 8192",
                  "--max_beam_width 1", "--workers 8"):
         assert flag in build, flag
@@ -109,7 +110,8 @@ def test_h100_in_bfloat16_does_not_fit(tmp_path, capsys):
     assert doc["verdict"].startswith("bfloat16 (no quantization) does not fit with the KV cache asked for")
     assert err.count("\n") == 1 and err.startswith("error: bfloat16 (no quantization) does not fit")
     for words in ("weights 80.5 GB", "KV cache 17.2 GB (64 x 8192 tokens x 32.0 KiB)", "headroom 4.3 GB",
-                  "= 102.0 GB per GPU", "hardware.gpu_memory_gb 80 GB", "line ", "use quantization: w8a16"):
+                  "= 102.0 GB per GPU", "the 80 GB of NVIDIA H100 80GB HBM3 (hardware.gpu: h100, grok-1-h100x8.yaml line ",
+                  "use quantization: w8a16"):
         assert words in err, words
 
 

@@ -69,6 +69,9 @@ def test_plan_commands_run_in_order_and_the_build_reads_the_preprocessed_checkpo
     site, bindir = tmp_path / "site", tmp_path / "bin"
     (site / "tensorrt_llm").mkdir(parents=True)
     (site / "tensorrt_llm" / "__init__.py").write_text(textwrap.dedent(FAKE_TRTLLM))
+    (site / "tensorrt_llm" / "models" / "grok").mkdir(parents=True)  # the build looks for the Grok model
+    (site / "tensorrt_llm" / "models" / "__init__.py").write_text("")
+    (site / "tensorrt_llm" / "models" / "grok" / "__init__.py").write_text("")
     dist = site / f"tensorrt_llm-{VERSION}.dist-info"  # what `plan` reads, without importing it
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {VERSION}\n")

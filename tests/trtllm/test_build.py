@@ -133,17 +133,24 @@ for f in Path(args["--checkpoint_dir"]).glob("rank*.safetensors"):
 '''
 
 
-def stand_in(tmp_path: Path, monkeypatch, version: str = "0.15.0") -> Path:
-    """Install the stand-in tensorrt_llm (reporting `version`) and trtllm-build; returns the latter."""
+def stand_in(tmp_path: Path, monkeypatch, version: str = "0.15.0", grok: bool = True) -> Path:
+    """Install the stand-in tensorrt_llm (reporting `version`, with a models/grok package unless
+    `grok` is False) and trtllm-build; returns the latter."""
     pkg = tmp_path / "site" / "tensorrt_llm"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_TRTLLM).replace("{version}", version))
+    (pkg / "models").mkdir()
+    (pkg / "models" / "__init__.py").write_text("")
+    if grok:
+        (pkg / "models" / "grok").mkdir()
+        (pkg / "models" / "grok" / "__init__.py").write_text("")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     exe = bindir / "trtllm-build"
     exe.write_text(FAKE_BUILD.format(python=sys.executable))
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    spec = importlib.util.spec_from_file_location("tensorrt_llm", pkg / "__init__.py")
+    spec = importlib.util.spec_from_file_location("tensorrt_llm", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
     fake = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fake)
     monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)  # gone again after the test
@@ -176,7 +183,6 @@ def test_build_with_stand_in_tensorrt_llm(tmp_path, monkeypatch):
     ("0.14.0.dev2024100800", ["MoeConfig arguments are passed by position", "top_k"]),
     ("0.11.0.dev2024062500", ["reads config.moe"]),
     ("0.10.0", ["no Grok model before 0.11"]),
-    ("2.1.0", ["newer than any version checked"]),
 ])
 def test_version_outside_the_known_good_range_is_refused_before_anything_is_built(tmp_path, monkeypatch, version, words):
     stand_in(tmp_path, monkeypatch, version)
@@ -185,7 +191,9 @@ def test_version_outside_the_known_good_range_is_refused_before_anything_is_buil
         build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
     msg = str(e.value)
     assert msg.startswith(f"TensorRT-LLM {version} is outside the known-good range for Grok "
-                          "(>=0.12.0,<0.14.0.dev0 or >=0.15.0.dev2024101500,<2.0.0.dev0): ")
+                          "(>=0.12.0,<0.14.0.dev0 or >=0.15.0.dev2024101500,<1.3.0rc21): ")
+    assert msg.endswith("install 1.2.1: pip install tensorrt-llm==1.2.1, or run in the container "
+                        "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 (docs/deploy-grok-1.md)")
     assert all(w in msg for w in words) and "\n" not in msg
     assert not (tmp_path / "engine").exists() and not list(tmp_path.glob("engine.tmp-*"))
     with pytest.raises(UserError, match=f"TensorRT-LLM {version} is outside"):
@@ -254,3 +262,51 @@ def test_preprocess_command_then_build_from_its_output(tmp_path, monkeypatch):
     man = build.build_trtllm(tmp_path / "pre", tmp_path / "engine")
     assert not man["preprocessed_here"]  # built from the preprocessed copy as it is
     assert man["command"][:3] == [str(exe), "--checkpoint_dir", str(tmp_path / "pre")]
+
+
+@pytest.mark.parametrize("version", ["1.3.0rc21", "2.1.0"])
+def test_versions_without_the_engine_path_are_refused_before_anything_is_built(tmp_path, monkeypatch, version):
+    stand_in(tmp_path, monkeypatch, version)
+    _checkpoint(tmp_path / "ckpt")
+    for run in (lambda: build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine"),
+                lambda: build.preprocess(tmp_path / "ckpt", tmp_path / "pre")):
+        with pytest.raises(UserError) as e:
+            run()
+        assert str(e.value).startswith(f"TensorRT-LLM {version} cannot build Grok: TensorRT-LLM removed the "
+                                       "TensorRT-engine path (trtllm-build, tensorrt_llm.models.grok and the C++ "
+                                       "Triton backend) and Grok in 1.3.0rc21; use 1.2.1")
+    assert not (tmp_path / "engine").exists() and not (tmp_path / "pre").exists()
+
+
+def test_an_install_without_trtllm_build_or_the_grok_model_is_refused(tmp_path, monkeypatch):
+    exe = stand_in(tmp_path, monkeypatch, "1.2.1", grok=False)
+    exe.unlink()  # and no trtllm-build on PATH either (the test host has none)
+    _checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError) as e:
+        build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
+    first, second = str(e.value).split("; or run in the container", 1)[0], str(e.value)
+    assert first.startswith("trtllm-build is not on PATH: the installed TensorRT-LLM has no engine builder")
+    assert "tensorrt_llm.models.grok is not found in " in second and "has no Grok model" in second
+    assert not (tmp_path / "engine").exists() and not list(tmp_path.glob("engine.tmp-*"))
+
+
+FAKE_SMI = """#!/bin/sh
+[ "$1 $2" = "--query-gpu=name,compute_cap,memory.total --format=csv,noheader" ] || exit 9
+for i in 1 2; do echo "NVIDIA B200, 10.0, 183359 MiB"; done
+"""
+
+
+def test_w8a16_on_a_b200_is_refused_before_preprocessing(tmp_path, monkeypatch):
+    stand_in(tmp_path, monkeypatch, "1.2.1")
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("GROK_DEPLOY_NVIDIA_SMI", "nvidia-smi")  # this host's GPU counts here (conftest hides it)
+    _checkpoint(tmp_path / "ckpt")
+    with pytest.raises(UserError) as e:
+        build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
+    msg = str(e.value)
+    assert msg.startswith("quantization w8a16 on NVIDIA B200 (compute capability 10.0): TensorRT-LLM's builder "
+                          "refuses INT8/INT4 weight-only on SM 100-119")
+    assert "use quantization: none with dtype: bfloat16" in msg and "\n" not in msg
+    assert not (tmp_path / "engine").exists() and not list(tmp_path.glob("engine.tmp-*"))

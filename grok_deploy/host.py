@@ -1,0 +1,172 @@
+"""The host the time estimates are for: its usable cores and the read rate of the disk the
+checkpoint is on. Every measured time constant in the project (verify/score.py,
+trtllm/check_shards.py) was measured on the reference host below; `Host.scale` carries such a
+time over to this host: the disk part at this disk's rate, the rest (dequantising, matmuls,
+comparing: torch and numpy use every core) in proportion to the usable cores.
+
+The disk rate is `hardware.disk_read_gbps` when set, else measured once per file system (O_DIRECT
+reads of the checkpoint's largest files, so the page cache does not flatter it) and cached in
+$XDG_CACHE_HOME/grok-deploy/disk-read.json; with nothing to measure yet, the reference rate.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# The reference host (this project's test host, where the constants were measured): 2 cores, a
+# virtual disk read at 0.72-0.76 GB/s by `dd bs=8M iflag=direct` of 0.4-0.5 GB files not read
+# since boot (1.7 GB/s on a second read: the hypervisor caches), in line with the bench's cold
+# minus warm scoring time, 7.4 s a layer for 4.92 GB (0.66 GB/s).
+REF_CORES = 2
+REF_DISK_BPS = 0.7e9
+MAX_CORES = 32           # beyond this a streamed layer (a few hundred tokens) keeps no more busy
+MEASURE_BYTES = 512 << 20
+MEASURE_SECONDS = 3.0
+MIN_BYTES = 64 << 20     # less than this to read (a tiny checkpoint) says nothing about the disk
+BLOCK = 8 << 20
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Host:
+    cores: int
+    disk_bps: float
+    cores_how: str = "os.sched_getaffinity"
+    disk_how: str = "reference host"
+
+    def scale(self, ref_seconds: float, read_bytes: float = 0.0) -> float:
+        """Seconds here of work that took `ref_seconds` on the reference host, `read_bytes` of
+        which were read from disk (the rest of the time is compute, shared over the cores)."""
+        compute = max(ref_seconds - read_bytes / REF_DISK_BPS, 0.0)
+        return read_bytes / self.disk_bps + compute * REF_CORES / min(self.cores, MAX_CORES)
+
+    def describe(self) -> str:
+        return (f"{self.cores} usable core{'s' if self.cores != 1 else ''} ({self.cores_how}), disk reads at "
+                f"{self.disk_bps / 1e9:.2f} GB/s ({self.disk_how})")
+
+    def to_dict(self) -> dict:
+        return {"cores": self.cores, "cores_how": self.cores_how, "disk_read_bytes_per_s": self.disk_bps,
+                "disk_how": self.disk_how}
+
+
+REFERENCE = Host(REF_CORES, REF_DISK_BPS, "reference host", "reference host")
+
+
+def cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "grok-deploy" / "disk-read.json"
+
+
+def _largest_files(folder: Path, limit: int = 8) -> list[Path]:
+    """The largest regular files in `folder` and its subfolders, two levels down (a checkpoint's
+    ckpt-0/tensor* or *.safetensors), largest first."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        if len(Path(root).relative_to(folder).parts) >= 2:
+            dirs[:] = []
+        for name in files:
+            p = Path(root) / name
+            try:
+                if p.is_file() and not p.is_symlink():
+                    found.append((p.stat().st_size, p))
+            except OSError:
+                continue
+    return [p for _, p in sorted(found, key=lambda t: -t[0])[:limit]]
+
+
+def _read_direct(path: Path, budget: int, deadline: float) -> int:
+    """Bytes read from `path` with O_DIRECT (aligned 8 MB blocks into a page-aligned buffer), or
+    buffered after dropping its cached pages where the file system refuses O_DIRECT."""
+    buf = mmap.mmap(-1, BLOCK)
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+        done = 0
+        try:
+            while done < budget and time.perf_counter() < deadline:
+                try:
+                    n = os.readv(fd, [buf])
+                except OSError:  # EINVAL: O_DIRECT refused (tmpfs, some FUSE)
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDONLY)
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.lseek(fd, done, os.SEEK_SET)
+                    n = os.readv(fd, [buf])
+                if n <= 0:
+                    break
+                done += n
+        finally:
+            os.close(fd)
+        return done
+    finally:
+        buf.close()
+
+
+def measure_disk(folder: Path) -> dict | None:
+    """Read rate of the largest files in `folder`: {"bytes_per_s", "file", "bytes", "seconds"},
+    or None when they hold less than MIN_BYTES."""
+    files = _largest_files(folder)
+    if sum(p.stat().st_size for p in files) < MIN_BYTES:
+        return None
+    t0 = time.perf_counter()
+    deadline, done = t0 + MEASURE_SECONDS, 0
+    for p in files:
+        done += _read_direct(p, MEASURE_BYTES - done, deadline)
+        if done >= MEASURE_BYTES or time.perf_counter() >= deadline:
+            break
+    seconds = time.perf_counter() - t0
+    if done < MIN_BYTES or seconds <= 0:
+        return None
+    return {"bytes_per_s": done / seconds, "file": str(files[0]), "bytes": done, "seconds": round(seconds, 3)}
+
+
+def disk_rate(folder: Path | None, configured_gbps: float | None = None) -> tuple[float, str]:
+    """(bytes per second, how it was found) for reading the checkpoint in `folder`."""
+    if configured_gbps:
+        return configured_gbps * 1e9, "hardware.disk_read_gbps"
+    if folder is None or not Path(folder).is_dir():
+        return REF_DISK_BPS, "assumed: the reference host's; no checkpoint to measure yet (set hardware.disk_read_gbps)"
+    cache = cache_file()
+    key = str(os.stat(folder).st_dev)
+    try:
+        known = json.loads(cache.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("bytes_per_s"), (int, float)) and entry["bytes_per_s"] > 0:
+        return float(entry["bytes_per_s"]), f"measured on {entry.get('file')}, cached in {cache}"
+    got = measure_disk(Path(folder))
+    if got is None:
+        return REF_DISK_BPS, f"assumed: the reference host's; {folder} is too small to measure (set hardware.disk_read_gbps)"
+    known[key] = {**got, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+        where = f"cached in {cache}"
+    except OSError:
+        where = "not cached: cannot write the cache"
+    return got["bytes_per_s"], f"measured now on {got['file']}, {got['bytes'] / 1e6:.0f} MB read with O_DIRECT, {where}"
+
+
+def current(folder: Path | None = None, configured_gbps: float | None = None) -> Host:
+    """This host: its usable cores and the disk rate of `folder` (see disk_rate)."""
+    bps, how = disk_rate(folder, configured_gbps)
+    return Host(usable_cores(), bps, "os.sched_getaffinity", how)
