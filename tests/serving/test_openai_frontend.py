@@ -80,3 +80,57 @@ def test_deploy_without_the_frontend_says_so_and_serves(tiny_ckpt, tmp_path, cap
             assert r.status == 200
     err = [line for line in capfd.readouterr().err.splitlines() if "openai_port" in line]
     assert len(err) == 1 and err[0].startswith(f"note: server.openai_port {port}:")
+
+
+FAKE_FRONTEND = '''\
+"""Stands in for main.py where the container is absent: main.py's flags (argparse, so a flag deploy
+gets wrong fails here), KServe readiness on --kserve-http-port, the frontend's on --openai-port."""
+import argparse, http.server, json, signal, sys, threading
+
+p = argparse.ArgumentParser()
+for flag in ("--model-repository", "--tokenizer", "--host"):
+    p.add_argument(flag, required=True)
+for flag in ("--openai-port", "--kserve-http-port", "--kserve-grpc-port"):
+    p.add_argument(flag, type=int, required=True)
+p.add_argument("--enable-kserve-frontends", action="store_true")
+a = p.parse_args()
+json.dump(vars(a), open(a.model_repository + "/frontend-args.json", "w"))
+
+
+def serve(port, path):
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == path else 404)
+            self.end_headers()
+    s = http.server.HTTPServer((a.host, port), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+
+
+serve(a.kserve_http_port, "/v2/health/ready")
+serve(a.openai_port, "/health/ready")
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.pause()
+'''
+
+
+@pytest.mark.timeout(120)
+def test_deploy_runs_the_frontend_in_rank_0s_place(tiny_ckpt, tmp_path, monkeypatch):
+    """deploy's side with the frontend present (its stand-in: the container is not here): the
+    command, both readiness checks, and the stop."""
+    import json
+
+    from grok_deploy.serving.deploy import TritonServer, free_port
+
+    fake = tmp_path / "main.py"
+    fake.write_text(FAKE_FRONTEND)
+    monkeypatch.setattr(of, "FRONTEND_MAIN", fake)
+    port = free_port()
+    cfg, repo = make_repo(tmp_path, tiny_ckpt, extra=f"server:\n  openai_port: {port}\n")
+    with TritonServer(cfg, repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout_s=60) as s:
+        assert s.frontend and s.is_ready() and of.is_ready(s.host, port)
+        args = json.loads((repo / "frontend-args.json").read_text())
+        assert args["openai_port"] == port and args["enable_kserve_frontends"]
+        assert (args["kserve_grpc_port"], args["kserve_http_port"]) == (s.ports["grpc"], s.ports["http"])
+        assert args["tokenizer"] == str(repo.resolve() / "preprocessing" / "tokenizer")
+        proc = s.proc
+    assert proc.poll() is not None and not of.is_ready("127.0.0.1", port)  # stopped with the server

@@ -68,6 +68,18 @@ guided_decoding_guide_type STRING; guided_decoding_guide STRING""")
 UP_BLS_IN = {**UP_ENSEMBLE_IN, **table("num_draft_tokens INT32; use_draft_logits BOOL")}
 UP_TEXT_OUT = table(f"""text_output STRING -1; cum_log_probs FP32 -1; output_log_probs FP32 -1 -1;
 context_logits FP32 -1 -1; generation_logits FP32 -1 -1 -1; batch_index INT32; sequence_index INT32; {PERF}""")
+# preprocessing/config.pbtxt @08dc37e3 (IMAGE_*, IMAGES, VIDEO_BYTES and the PIXEL_VALUES... outputs
+# are multimodal: left out) and postprocessing/config.pbtxt @89fd9b74
+UP_PRE_IN = table("""QUERY STRING; DECODER_QUERY STRING; REQUEST_OUTPUT_LEN INT32; BAD_WORDS_DICT STRING -1;
+STOP_WORDS_DICT STRING -1; EMBEDDING_BIAS_WORDS STRING -1; EMBEDDING_BIAS_WEIGHTS FP32 -1; END_ID INT32;
+PAD_ID INT32; PROMPT_TABLE_EXTRA_ID UINT64""")
+UP_PRE_OUT = table("""INPUT_ID INT32 -1; REQUEST_INPUT_LEN INT32; DECODER_INPUT_ID INT32 -1;
+REQUEST_DECODER_INPUT_LEN INT32; BAD_WORDS_IDS INT32 2 -1; STOP_WORDS_IDS INT32 2 -1; EMBEDDING_BIAS FP32 -1;
+REQUEST_OUTPUT_LEN INT32 -1; OUT_END_ID INT32; OUT_PAD_ID INT32; OUT_PROMPT_TABLE_EXTRA_IDS UINT64 -1""")
+# preprocessing's own additions: either spelling of min_tokens / seed in, the 1.x one out
+EXTRA_PRE = (table("MIN_TOKENS INT32; MIN_LENGTH INT32; SEED UINT64; RANDOM_SEED UINT64"),
+             table("OUT_MIN_TOKENS INT32; OUT_SEED UINT64"))
+UP_POST = (table("TOKENS_BATCH INT32 -1 -1; SEQUENCE_LENGTH INT32 -1"), table("OUTPUT STRING -1"))
 # inputs this project declares beyond 1.2.1's ensemble/BLS: the <= v0.19 spellings (mapped) and the
 # lookahead inputs (refused unless the engine has lookahead decoding, as the backend does)
 EXTRA_TEXT_IN = {"min_length", "random_seed", "lookahead_window_size", "lookahead_ngram_size",
@@ -126,6 +138,9 @@ def test_every_model_declares_the_121_templates_io(repos):
             assert {k: ins[k] for k in upstream} == upstream, model
             assert set(ins) - set(upstream) == EXTRA_TEXT_IN, model
             assert io(c[model], "output") == UP_TEXT_OUT, model
+        assert (io(c["preprocessing"]), io(c["preprocessing"], "output")) == \
+            ({**UP_PRE_IN, **EXTRA_PRE[0]}, {**UP_PRE_OUT, **EXTRA_PRE[1]})
+        assert (io(c["postprocessing"]), io(c["postprocessing"], "output")) == UP_POST
     # the CPU stand-in and the C++ backend's config: the same names, dtypes and dims
     assert io(repos["cpu"]["tensorrt_llm"]) == io(repos["gpu"]["tensorrt_llm"])
 
