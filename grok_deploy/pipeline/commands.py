@@ -26,9 +26,11 @@ def cli_serve(args) -> int:
         from grok_deploy.serving.deploy import TritonServer
 
         with TritonServer(cfg) as server:
+            metrics = (f"OpenAI http://{server.host}:{server.openai_port}/v1 (metrics at /metrics there)"
+                       if server.frontend else f"metrics {server.metrics_url}")
             print(f"serving {server.repo} (pid {server.pid}) on {server.listening}: gRPC {server.grpc_url}, "
                   f"HTTP {server.http_url}, "
-                  f"metrics {server.metrics_url}; log {server.log_path}; Ctrl-C to stop", flush=True)
+                  f"{metrics}; log {server.log_path}; Ctrl-C to stop", flush=True)
             code = server.wait()
             raise UserError(f"tritonserver exited with code {code}; see {server.log_path}")
     except KeyboardInterrupt:

@@ -178,6 +178,13 @@ def commands(cfg: PipelineConfig) -> list[dict]:
     if cfg.engine.backend == "trtllm" and cfg.hardware.nodes > 1:
         notes["deploy"] = (f"run on the first host of {cfg.resolve(cfg.hardware.hostfile)} (the leader, rank 0, serves); "
                            f"every node needs the same paths (a shared volume) and passwordless ssh for mpirun")
+    if cfg.server.openai_port is not None:  # rank 0: Triton's OpenAI frontend (serving/openai_frontend.py)
+        from grok_deploy.serving.openai_frontend import planned
+
+        binary = "tritonserver" if cfg.server.binary == "auto" else str(cfg.resolve(cfg.server.binary))
+        argv, note = planned(out[-1][1], binary, cfg.output("triton_repo"), cfg.server)
+        out[-1] = ("deploy", argv)
+        notes["deploy"] = "; ".join(n for n in (notes.get("deploy"), note) if n)
     docs = [{"stage": s, "argv": argv, "command": shlex.join(argv)} for s, argv in out]
     for d in docs:
         if d["stage"] in notes:

@@ -90,6 +90,7 @@ class Triton(_Section):
     preprocessing_instance_count: Count = 1
     postprocessing_instance_count: Count = 1
     bls_instance_count: Count = 1
+    bls_accumulate_tokens: bool = False  # streamed BLS text: the whole text so far (true) or the new part
     batching_strategy: Literal["inflight_fused_batching", "V1"] = "inflight_fused_batching"
     kv_cache_free_gpu_mem_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
     max_queue_delay_microseconds: Annotated[int, Field(ge=0, le=3_600_000_000)] = 0
@@ -102,6 +103,7 @@ class Server(_Section):
     metrics_port: Port = 8002
     binary: str = "auto"             # or the path of a tritonserver executable
     startup_timeout_s: PosFloat = 300.0
+    openai_port: Port | None = None  # Triton's OpenAI frontend (in the TensorRT-LLM container) on this port
 
 
 class Hardware(_Section):

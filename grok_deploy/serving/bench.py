@@ -5,10 +5,12 @@ Each level sends `requests` measured requests (after `warmup` unmeasured ones) f
 clients over one gRPC stream kept open for the level (`Session`, as perf_analyzer does). Prompts are synthetic with an exact token count
 (`synthetic_prompts`), and every request generates exactly `output_tokens` tokens: end_id -1
 (ignore-EOS) and min_tokens = max_tokens. Output tokens are counted from what the server streams
-back, not by re-tokenizing text: `tensorrt_llm` sends token ids; through the ensemble and the BLS
-each streamed response is one engine step, and this engine makes one token per step (a request
-with any other count is an error). genai-perf instead re-tokenizes the decoded chunks with its own
-tokenizer, which overstates output lengths on this model (see docs/serving.md).
+back, not by re-tokenizing text: `tensorrt_llm` sends token ids; the ensemble and the BLS send
+`num_output_tokens` (asked with return_num_output_tokens, TensorRT-LLM 1.x): the tokens each
+response carries, which is not one per response on the BLS (it holds back a response that ends
+inside a UTF-8 character). A request with any other total is an error. genai-perf instead
+re-tokenizes the decoded chunks with its own tokenizer, which overstates output lengths on this
+model (see docs/serving.md).
 
 Per level: TTFT (send -> first response), inter-token latency per request ((last - first
 response) / (tokens - 1), genai-perf's formula), request latency (send -> final), each as
@@ -71,7 +73,7 @@ def _inputs(model: str, prompt, max_tokens: int) -> list:
                 tensor("request_output_len", [[max_tokens]], np.int32), tensor("streaming", [[True]], np.bool_),
                 *common]
     return [tensor("text_input", [[prompt.encode("utf-8")]], object), tensor("max_tokens", [[max_tokens]], np.int32),
-            tensor("stream", [[True]], np.bool_), *common]
+            tensor("stream", [[True]], np.bool_), tensor("return_num_output_tokens", [[True]], np.bool_), *common]
 
 
 class Session:
@@ -143,10 +145,11 @@ def one_request(session: Session, model: str, prompt, max_tokens: int, timeout: 
     times, tokens = [], 0
     for now, result in session.request(model, inputs, timeout):
         times.append(now - t0)
-        if model == "tensorrt_llm":
-            tokens += int(result.as_numpy("sequence_length").reshape(-1)[0])
-        else:
-            tokens += 1  # one engine step per streamed response, one token per step
+        counted = result.as_numpy("sequence_length" if model == "tensorrt_llm" else "num_output_tokens")
+        if counted is None:
+            raise ServerError(f"{model} sent no num_output_tokens; its model repository predates TensorRT-LLM "
+                              "1.x's contract: package it again")
+        tokens += int(counted.reshape(-1)[0])
     if tokens != max_tokens:
         raise ServerError(f"{model} streamed {tokens} tokens for max_tokens {max_tokens}")
     end = t0 + times[-1] if times else time.perf_counter()
@@ -252,7 +255,7 @@ def bench(cfg, url: str | None = None, out=None, concurrency=(1, 4, 8), requests
                 echo(summary_line(results[-1]))
     doc = {"url": url, "model": model, "input_tokens": input_tokens, "output_tokens": output_tokens,
            "requests_per_level": requests, "warmup_per_level": warmup, "results": results,
-           "token_count": "streamed responses (one engine step = one token each)" if model != "tensorrt_llm"
+           "token_count": "num_output_tokens of the streamed responses" if model != "tensorrt_llm"
                           else "streamed token ids"}
     if out is not None:
         write_reports(Path(out), doc)

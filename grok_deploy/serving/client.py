@@ -20,7 +20,8 @@ from grok_deploy.errors import UserError
 ENSEMBLE_INPUTS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "seed": np.uint64,
                    "end_id": np.int32, "pad_id": np.int32, "min_tokens": np.int32, "min_length": np.int32,
                    "random_seed": np.uint64,
-                   "exclude_input_in_output": np.bool_, "return_log_probs": np.bool_}
+                   "exclude_input_in_output": np.bool_, "return_log_probs": np.bool_,
+                   "return_num_input_tokens": np.bool_, "return_num_output_tokens": np.bool_}
 LLM_INPUTS = {"temperature": np.float32, "runtime_top_k": np.int32, "runtime_top_p": np.float32,
               "seed": np.uint64, "end_id": np.int32, "pad_id": np.int32, "min_tokens": np.int32,
               "return_log_probs": np.bool_, "return_generation_logits": np.bool_}
@@ -101,13 +102,15 @@ def query(url: str, text: str, max_tokens: int = 32, stream: bool = False, model
           **sampling) -> dict:
     """One prompt to the ensemble (or tensorrt_llm_bls: same I/O). Returns {"text": str, "responses": n}:
     the generated text (exclude_input_in_output defaults to true). With stream, `on_text` gets each
-    new piece as it arrives. `cumulative`: each streamed response holds the whole text so far (the
-    BLS with accumulate_tokens; default: model == "tensorrt_llm_bls"), else one delta each (the
-    ensemble). sampling: temperature, top_k, top_p, seed, end_id, ... (ENSEMBLE_INPUTS)."""
+    new piece as it arrives. `cumulative`: each streamed response holds the whole text so far (a
+    BLS whose accumulate_tokens parameter is true: triton.bls_accumulate_tokens), else one delta
+    each (the ensemble, and the BLS by default); None: read from the model's config. sampling:
+    temperature, top_k, top_p, seed, end_id, ... (ENSEMBLE_INPUTS)."""
     unknown = set(sampling) - set(ENSEMBLE_INPUTS)
     if unknown:
         raise TypeError(f"unknown ensemble inputs {sorted(unknown)}; known: {sorted(ENSEMBLE_INPUTS)}")
-    cumulative = model == "tensorrt_llm_bls" if cumulative is None else cumulative
+    if cumulative is None:  # the ensemble's postprocessing is stateless: deltas
+        cumulative = stream and model != "ensemble" and accumulates(url, model)
     sampling.setdefault("exclude_input_in_output", True)
     inputs = [tensor("text_input", [[utf8(text)]], object), tensor("max_tokens", [[max_tokens]], np.int32),
               tensor("stream", [[stream]], np.bool_)]
@@ -126,6 +129,23 @@ def query(url: str, text: str, max_tokens: int = 32, stream: bool = False, model
         if on_text:
             on_text(piece)
     return {"text": whole, "responses": n}
+
+
+def accumulates(url: str, model: str) -> bool:
+    """True when `model` has the BLS parameter accumulate_tokens set true (whole text per response)."""
+    from tritonclient.grpc import InferenceServerClient, InferenceServerException
+
+    client = InferenceServerClient(url)
+    try:
+        params = client.get_model_config(model).config.parameters
+    except InferenceServerException as e:
+        if "UNAVAILABLE" in str(e.status()) or "failed to connect" in e.message():
+            raise ServerError(f"cannot reach the server at {url}: {e.message()}") from None
+        raise ServerError(f"{model}: cannot read its config ({e.message()})") from None
+    finally:
+        client.close()
+    value = params["accumulate_tokens"].string_value if "accumulate_tokens" in params else ""
+    return value.strip().lower() in ("1", "true", "yes", "t")
 
 
 def query_ids(url: str, prompt_ids: list[int], max_tokens: int, stream: bool = False, model: str = "tensorrt_llm",

@@ -245,6 +245,8 @@ class TritonServer:
         self.world_size = world_size or (cfg.world_size if trt else 1)
         hw = cfg.hardware if trt else None
         self.hostfile = cfg.resolve(hw.hostfile) if hw is not None and hw.nodes > 1 and hw.hostfile else None
+        self.openai_port = s.openai_port if s else None  # Triton's OpenAI frontend: serving/openai_frontend.py
+        self.frontend = False                           # set by start: the frontend runs in rank 0's place
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.bind: str | None = None        # the numeric address given to Triton (set by start)
@@ -333,6 +335,16 @@ class TritonServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"tritonserver-{self.ports['grpc']}.log"
         cmd = self.command(found)
+        if self.openai_port is not None:
+            from grok_deploy.serving.openai_frontend import with_frontend
+
+            if port_in_use(self.bind, self.openai_port):
+                raise UserError(f"server.openai_port {self.openai_port} on {self.address} is in use; stop the other "
+                                "server or set another port")
+            plain = cmd
+            cmd = with_frontend(cmd, str(found.path), self.repo, self.bind, self.ports, self.openai_port,
+                                note=lambda line: print(line, file=sys.stderr, flush=True))
+            self.frontend = cmd is not plain
         with open(self.log_path, "w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
@@ -364,9 +376,15 @@ class TritonServer:
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
+                if r.status != 200:
+                    return False
         except OSError:
             return False
+        if self.frontend:  # its KServe port can answer before its OpenAI port listens
+            from grok_deploy.serving.openai_frontend import is_ready
+
+            return is_ready(self.host, self.openai_port)
+        return True
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.timeout

@@ -92,8 +92,11 @@ def model_values(cfg, engine_kind: str, engine_dir: Path) -> dict[str, dict]:
     e, t = cfg.engine, cfg.triton
     batch = {"triton_max_batch_size": e.max_batch_size}
     queue = {"max_queue_delay_microseconds": t.max_queue_delay_microseconds, "max_queue_size": 0}
+    # the OpenAI frontend sends exclude_input_in_output only for a completion's `echo`: a chat
+    # would echo the prompt unless the model's default is off (as in the frontend's own test models)
+    openai = cfg.server.openai_port is not None
     llm = {**batch, **queue, "decoupled_mode": _bool(t.decoupled), "engine_dir": str(engine_dir),
-           "exclude_input_in_output": "false"}
+           "exclude_input_in_output": _bool(openai)}
     if engine_kind == "trtllm":
         llm.update(triton_backend="tensorrtllm", batching_strategy=t.batching_strategy,
                    kv_cache_free_gpu_mem_fraction=t.kv_cache_free_gpu_mem_fraction,
@@ -111,7 +114,7 @@ def model_values(cfg, engine_kind: str, engine_dir: Path) -> dict[str, dict]:
                            "postprocessing_instance_count": t.postprocessing_instance_count},
         "ensemble": {**batch, "logits_datatype": "TYPE_FP32"},
         "tensorrt_llm_bls": {**batch, "decoupled_mode": _bool(t.decoupled), "logits_datatype": "TYPE_FP32",
-                             "bls_instance_count": t.bls_instance_count, "accumulate_tokens": "true",
+                             "bls_instance_count": t.bls_instance_count, "accumulate_tokens": _bool(t.bls_accumulate_tokens),
                              "tensorrt_llm_model_name": "tensorrt_llm"},
     }
 

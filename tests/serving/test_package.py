@@ -12,8 +12,8 @@ from serving_fixtures import write_pipeline
 from grok_deploy.errors import UserError
 from grok_deploy.serving.package import MODELS, package, parse_config, render, template
 
-# TYPE_INT64: the return_perf_metrics *_time_ns outputs
-TYPES = {"TYPE_INT32", "TYPE_INT64", "TYPE_FP32", "TYPE_BOOL", "TYPE_UINT64", "TYPE_STRING", "TYPE_FP16"}
+# TYPE_INT64: the return_perf_metrics *_time_ns outputs; TYPE_UINT8: context_phase_params (1.x)
+TYPES = {"TYPE_INT32", "TYPE_INT64", "TYPE_FP32", "TYPE_BOOL", "TYPE_UINT64", "TYPE_STRING", "TYPE_FP16", "TYPE_UINT8"}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,10 @@ def test_tensorrt_llm_contract(repo):
     assert ins["input_ids"] == ("TYPE_INT32", [-1], True, False, True)
     assert ins["input_lengths"] == ("TYPE_INT32", [1], False, True, False)       # required, reshape []
     assert ins["request_output_len"] == ("TYPE_INT32", [1], False, True, False)
-    # both spellings (<= v0.19: random_seed, min_length; >= v0.20: seed, min_tokens)
-    assert ins["seed"][:4] == ins["random_seed"][:4] == ("TYPE_UINT64", [1], True, True)
-    assert ins["min_tokens"][:4] == ins["min_length"][:4] == ("TYPE_INT32", [1], True, True)
+    # TensorRT-LLM 1.x names only (the C++ backend reads no min_length / random_seed)
+    assert ins["seed"][:4] == ("TYPE_UINT64", [1], True, True) and ins["min_tokens"][:4] == ("TYPE_INT32", [1], True, True)
+    assert "random_seed" not in ins and "min_length" not in ins
+    assert ins["return_num_input_tokens"][:4] == ins["return_num_output_tokens"][:4] == ("TYPE_BOOL", [1], True, True)
     assert ins["return_perf_metrics"][:4] == ("TYPE_BOOL", [1], True, True)
     assert ins["guided_decoding_guide_type"][:2] == ins["guided_decoding_guide"][:2] == ("TYPE_STRING", [1])
     assert ins["lookahead_window_size"][:4] == ("TYPE_INT32", [1], True, True)
@@ -102,6 +103,7 @@ def test_tensorrt_llm_contract(repo):
     outs = io(c, "output")
     assert outs["output_ids"][:2] == ("TYPE_INT32", [-1, -1]) and outs["sequence_length"][:2] == ("TYPE_INT32", [-1])
     assert outs["generation_logits"][:2] == ("TYPE_FP32", [-1, -1, -1]) and outs["batch_index"][:2] == ("TYPE_INT32", [1])
+    assert outs["num_input_tokens"][:2] == outs["num_output_tokens"][:2] == ("TYPE_INT32", [1])
     params = {k: v.string_value for k, v in c.parameters.items()}
     assert params["engine_kind"] == "torch" and params["max_input_len"] == "64" and params["max_seq_len"] == "160"
 
@@ -120,8 +122,11 @@ def test_ensemble_steps_and_renames(repo):
     assert pre["QUERY"] == "text_input" and pre["REQUEST_OUTPUT_LEN"] == "max_tokens"
     assert (llm["runtime_top_k"], llm["runtime_top_p"], llm["len_penalty"], llm["streaming"]) == \
         ("top_k", "top_p", "length_penalty", "stream")
-    assert llm["input_ids"] == "_INPUT_ID" and llm["end_id"] == "_PREPROCESSOR_END_ID" and llm["seed"] == "seed"
-    assert llm["min_length"] == "min_length" and llm["random_seed"] == "random_seed"
+    assert llm["input_ids"] == "_INPUT_ID" and llm["end_id"] == "_PREPROCESSOR_END_ID"
+    # either spelling of min_tokens / seed goes through preprocessing (one value, the 1.x name)
+    assert (pre["MIN_TOKENS"], pre["MIN_LENGTH"], pre["SEED"], pre["RANDOM_SEED"]) == \
+        ("min_tokens", "min_length", "seed", "random_seed")
+    assert (llm["min_tokens"], llm["seed"]) == ("_MIN_TOKENS", "_SEED") and "min_length" not in llm
     assert llm["return_perf_metrics"] == "return_perf_metrics" and llm["lookahead_ngram_size"] == "lookahead_ngram_size"
     assert dict(steps["tensorrt_llm"].output_map)["output_ids"] == "_TOKENS_BATCH"
     assert dict(steps["tensorrt_llm"].output_map)["first_token_time_ns"] == "first_token_time_ns"
@@ -145,8 +150,10 @@ def test_python_models_and_bls(repo):
     assert io(c["postprocessing"])["TOKENS_BATCH"][:2] == ("TYPE_INT32", [-1, -1])
     bls = c["tensorrt_llm_bls"]
     assert bls.backend == "python" and bls.model_transaction_policy.decoupled
-    assert {k: v.string_value for k, v in bls.parameters.items()}["accumulate_tokens"] == "true"
-    assert io(bls) == io(c["ensemble"]) and io(bls, "output") == io(c["ensemble"], "output")
+    assert {k: v.string_value for k, v in bls.parameters.items()}["accumulate_tokens"] == "false"  # as upstream
+    drafts = {"num_draft_tokens": ("TYPE_INT32", [1], True, False, False),
+              "use_draft_logits": ("TYPE_BOOL", [1], True, False, False)}
+    assert io(bls) == {**io(c["ensemble"]), **drafts} and io(bls, "output") == io(c["ensemble"], "output")
     for model in c.values():
         for kind in ("input", "output"):
             assert {v[0] for v in io(model, kind).values()} <= TYPES

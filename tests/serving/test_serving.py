@@ -129,7 +129,7 @@ def test_bls_text_delta_holds_back_partial_characters():
 
 
 def test_accumulated_decoding_streams_exact_text(tiny_tokenizer):
-    """What the BLS does with accumulate_tokens, on the real SentencePiece model: spaces and
+    """What the BLS does when it streams, on the real SentencePiece model: spaces and
     byte-fallback characters (中文 is three byte pieces each) come out exactly."""
     text_delta = bls_text_delta()
     ids = tiny_tokenizer.encode("Naïve café 中文 and 🙂 ok")
@@ -296,7 +296,7 @@ def test_ensemble_and_bls_text(served, tiny_model, tiny_tokenizer):
         assert query(served.grpc_url, prompt, 12, model="tensorrt_llm_bls", **kw)["text"] == want
         chunks = []
         streamed = query(served.grpc_url, prompt, 12, stream=True, model="tensorrt_llm_bls", on_text=chunks.append, **kw)
-        assert streamed["text"] == want and len(chunks) > 1  # accumulate_tokens: exact streamed text
+        assert streamed["text"] == want and len(chunks) > 1  # decoded from all ids so far: exact streamed text
         ens = query(served.grpc_url, prompt, 12, stream=True, **kw)
         assert ens["responses"] == 12  # the stateless ensemble: one chunk per token
     echoed = query(served.grpc_url, PROMPTS[0], 4, exclude_input_in_output=False)["text"]
@@ -317,9 +317,9 @@ def test_bls_stream_equals_whole_text_with_split_bytes(served):
             return [r.as_numpy("text_output").reshape(-1)[0].decode() for r in
                     stream_request(served.grpc_url, "tensorrt_llm_bls", inputs)]
         whole, texts = send(False), send(True)
-        # accumulate_tokens: every response is the whole text so far; the last one is the whole text
-        assert len(whole) == 1 and texts[-1] == whole[0]
-        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        # accumulate_tokens false (the default): each response the new text, decoded from all ids so
+        # far and never ending inside a character; together they are the whole text
+        assert len(whole) == 1 and "".join(texts) == whole[0]
 
 
 def http_generate(server, model: str, body: dict) -> tuple[int, dict]:

@@ -46,6 +46,8 @@ class Params:
     return_log_probs: bool = False
     return_generation_logits: bool = False
     return_perf_metrics: bool = False
+    return_num_input_tokens: bool = False   # 1.x: num_input_tokens (INT32 [1]) on every response
+    return_num_output_tokens: bool = False  # 1.x: num_output_tokens, the tokens each response carries
 
     @property
     def greedy(self) -> bool:
@@ -58,7 +60,11 @@ class Params:
 UNSUPPORTED = {"beam_width": 1, "num_return_sequences": 1, "return_context_logits": False,
                "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 UNSUPPORTED_TENSORS = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config",
-                       "draft_input_ids", "draft_logits", "encoder_input_features")
+                       "draft_input_ids", "draft_logits", "encoder_input_features", "context_phase_params")
+# accepted and ignored: KV-cache retention ranks reusable blocks for eviction; this engine keeps one
+# private slot per sequence and reuses nothing, so there is nothing to rank
+RETENTION = ("retention_token_range_starts", "retention_token_range_ends", "retention_token_range_priorities",
+             "retention_token_range_durations_ms", "retention_decode_priority", "retention_decode_duration_ms")
 # accepted, refused with INVALID_ARG only when actually asked for (a non-empty value): the
 # backend's own answers when the model instance has no guided decoder / lookahead configuration
 NOT_CONFIGURED = {
@@ -74,7 +80,8 @@ DTYPES = {"input_ids": np.int32, "input_lengths": np.int32, "request_output_len"
           "streaming": np.bool_, "exclude_input_in_output": np.bool_, "return_log_probs": np.bool_,
           "return_generation_logits": np.bool_, "stop": np.bool_, "stop_words_list": np.int32,
           "bad_words_list": np.int32, "embedding_bias": np.float32, "return_perf_metrics": np.bool_,
-          "min_length": np.int32, "random_seed": np.uint64}
+          "min_length": np.int32, "random_seed": np.uint64, "return_num_input_tokens": np.bool_,
+          "return_num_output_tokens": np.bool_}
 
 
 def _get(inputs: dict, name: str, batch: int | None = None):
@@ -168,7 +175,9 @@ def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: 
                    exclude_input=bool(_scalar(inputs, "exclude_input_in_output", b, batch, exclude_default)),
                    return_log_probs=bool(_scalar(inputs, "return_log_probs", b, batch, False)),
                    return_generation_logits=bool(_scalar(inputs, "return_generation_logits", b, batch, False)),
-                   return_perf_metrics=bool(_scalar(inputs, "return_perf_metrics", b, batch, False)))
+                   return_perf_metrics=bool(_scalar(inputs, "return_perf_metrics", b, batch, False)),
+                   return_num_input_tokens=bool(_scalar(inputs, "return_num_input_tokens", b, batch, False)),
+                   return_num_output_tokens=bool(_scalar(inputs, "return_num_output_tokens", b, batch, False)))
         if not (math.isfinite(p.temperature) and math.isfinite(p.top_p)):  # NaN passes `< 0` checks
             raise BadRequest(f"sampling inputs must be finite numbers: temperature {p.temperature}, "
                              f"runtime_top_p {p.top_p}")

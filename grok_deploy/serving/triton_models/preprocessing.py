@@ -21,6 +21,14 @@ def texts(a) -> list:
     return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in np.asarray(a).reshape(-1)]
 
 
+def one_spelling(new, old, new_name: str, old_name: str):
+    """The value of an input sent under its 1.x name (`new`) or its <= v0.19 name (`old`), or None;
+    both sent and different is refused, as the python tensorrt_llm model refuses it."""
+    if new is not None and old is not None and not np.array_equal(new, old):
+        raise ValueError(f"inputs '{old_name}' and '{new_name}' are two spellings of one input and differ; send one")
+    return new if new is not None else old
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer folder (tokenizer.json, read with the `tokenizers` library) behind the
     SentencePiece method names this model uses; control tokens ([EOS]...) never come out of text."""
@@ -126,6 +134,10 @@ class TritonPythonModel:
         else:
             out["DECODER_INPUT_ID"] = pad.copy()
             out["REQUEST_DECODER_INPUT_LEN"] = np.ones((batch, 1), np.int32)
+        for new, old, out_name in (("MIN_TOKENS", "MIN_LENGTH", "OUT_MIN_TOKENS"), ("SEED", "RANDOM_SEED", "OUT_SEED")):
+            value = one_spelling(get(new), get(old), new.lower(), old.lower())
+            if value is not None:  # absent: tensorrt_llm gets no such input, its default applies
+                out[out_name] = value
         extra = get("PROMPT_TABLE_EXTRA_ID")
         if extra is not None:  # ids >= vocab address the prompt table; others get 0
             tab = out["INPUT_ID"]

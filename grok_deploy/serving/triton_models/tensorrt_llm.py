@@ -95,7 +95,17 @@ class Sink:
             out.append(pb_utils.Tensor("generation_logits", rows.reshape(1, 1, *rows.shape).astype(np.float32)))
         if p.return_perf_metrics:
             out += [pb_utils.Tensor(name, np.array([[value]], dtype)) for name, value, dtype in perf_metrics(seq)]
+        out += [pb_utils.Tensor(name, np.array([[n]], np.int32)) for name, n in token_counts(p, ids)]
         return pb_utils.InferenceResponse(output_tensors=out)
+
+
+def token_counts(p, ids: list) -> list:
+    """TensorRT-LLM 1.x's num_input_tokens / num_output_tokens, as asked: the prompt's length on
+    every response, and the generated tokens this response carries (streamed: the new ones; whole:
+    all of them, an echoed prompt not counted), so the streamed values add up to the total."""
+    generated = len(ids) if p.streaming or p.exclude_input else len(ids) - len(p.prompt)
+    return [(name, n) for name, n, asked in (("num_input_tokens", len(p.prompt), p.return_num_input_tokens),
+                                             ("num_output_tokens", generated, p.return_num_output_tokens)) if asked]
 
 
 def perf_metrics(seq: Seq) -> list:
@@ -114,6 +124,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.name = args["model_name"]  # the model, as clients name it (not the instance)
         self.max_input_len = int(params["max_input_len"])
         self.exclude_default = params.get("exclude_input_in_output", "false").lower() in ("1", "true", "yes")
         self.engine = load_engine(params["engine_kind"], params["engine_dir"],
@@ -131,20 +142,18 @@ class TritonPythonModel:
                                  f"max_batch_size {self.engine.max_batch_size}, max_seq_len {self.engine.max_seq_len}")
 
     def execute(self, requests):
-        refused = []
+        # A refusal is one error response through the request's sender: "tensorrt_llm: <what and
+        # why>". Raising instead would count it in nv_inference_request_failure, but the python
+        # backend then wraps the message with the instance name (tensorrt_llm_0_0) and this file's
+        # traceback line: the client would read server internals.
         for request in requests:
             try:
                 self._accept(request)
             except BadRequest as e:
-                refused.append((request, error_response(str(e), e.code), str(e)))
+                request.get_response_sender().send(error_response(f"{self.name}: {e}", e.code), flags=FINAL)
             except Exception as e:  # noqa: BLE001 - the request fails, the model keeps serving
-                refused.append((request, error_response(f"{type(e).__name__}: {e}"), f"{type(e).__name__}: {e}"))
-        if refused and len(refused) == len(requests):
-            # raising is the python backend's only way to count them in nv_inference_request_failure
-            # (an error sent through the response sender counts as a success); each gets the error
-            raise pb_utils.TritonModelException("; ".join(dict.fromkeys(m for _, _, m in refused)))
-        for request, response, _ in refused:  # beside accepted requests: one error response each
-            request.get_response_sender().send(response, flags=FINAL)
+                message = f"{self.name}: {type(e).__name__}: {e}".splitlines()[0]
+                request.get_response_sender().send(error_response(message), flags=FINAL)
         return None
 
     def _accept(self, request) -> None:
