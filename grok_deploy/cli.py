@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--quant", choices=["none", "int8"], default="none")
     s.add_argument("--preset", default=None)
+    s.add_argument("--graph", choices=["fused", "standard"], default="fused",
+                   help="fused: ONNX Runtime's GroupQueryAttention and fused norms (default); standard: standard ops only")
 
     for name, helptext in (("plan", "validate the pipeline; print stages, commands and per-GPU memory"),
                            ("run", "run the pipeline, skipping stages whose inputs did not change"),

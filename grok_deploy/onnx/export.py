@@ -21,6 +21,7 @@ from pathlib import Path
 from grok_deploy.manifest import sha256_file
 
 QUANTS = ("none", "int8")
+GRAPHS = ("fused", "standard")  # onnx/fused.py (ONNX Runtime's fused operators) | onnx/graph.py
 BLOCK_SIZE = 64  # MatMulNBits block along K (a power of 2 >= 16); measured as fast as 32 at batch 1
 # int8 tolerances against the float32 reference, teacher-forced greedy over 64 tokens on
 # grok-1-tiny (logits span about +-19). Measured: mean 0.03, max 1.0 in isolated rows, as
@@ -80,49 +81,59 @@ class _Tracked:
 
 
 
-def export_onnx(src, out, quant: str = "none", preset: str | None = None, progress: bool = True) -> dict:
-    """Export checkpoint `src` as an ONNX decoder into folder `out`; returns the manifest."""
+def export_onnx(src, out, quant: str = "none", preset: str | None = None, progress: bool = True,
+                graph: str = "fused") -> dict:
+    """Export checkpoint `src` as an ONNX decoder into folder `out`; returns the manifest.
+    `graph`: "fused" (ONNX Runtime's fused operators, onnx/fused.py) or "standard" (standard ops)."""
     from grok_deploy.checkpoint import open_checkpoint
     from grok_deploy.errors import UserError
     from grok_deploy.manifest import check_output
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r}: use one of {', '.join(QUANTS)}")
+    if graph not in GRAPHS:
+        raise UserError(f"--graph {graph!r}: use one of {', '.join(GRAPHS)}")
     ckpt = open_checkpoint(src, preset=preset)
     check_output(Path(out), ckpt.path, "export-onnx")
     provenance = {"source": str(Path(src).resolve()), "source_format": ckpt.format}
-    return write_onnx(ckpt.config, ckpt, out, quant, provenance, progress)
+    return write_onnx(ckpt.config, ckpt, out, quant, provenance, progress, graph, ckpt.tokenizer_path)
 
 
 def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = None,
-               progress: bool = False) -> dict:
-    """The export core on any weight source (`read(name)`, `read_expert(name, e)`)."""
+               progress: bool = False, graph: str = "fused", tokenizer=None) -> dict:
+    """The export core on any weight source (`read(name)`, `read_expert(name, e)`); with
+    `tokenizer` (a SentencePiece tokenizer.model) the folder also opens in onnxruntime-genai."""
     import onnx
 
     from grok_deploy import __version__
     from grok_deploy.manifest import atomic_dir
-    from grok_deploy.onnx.graph import OPSET, build_model
+    from grok_deploy.onnx.genai import write_genai_files
+    from grok_deploy.onnx.graph import build_model
     from grok_deploy.progress import Progress
 
     t0 = time.perf_counter()
     with atomic_dir(out, "export-onnx") as tmp:
         with Progress(cfg.param_count() * 4, "export-onnx", show=None if progress else False) as bar:
-            model = build_model(cfg, _Tracked(source, bar), tmp / "model.onnx.data", quant, BLOCK_SIZE)
+            model = build_model(cfg, _Tracked(source, bar), tmp / "model.onnx.data", quant, BLOCK_SIZE,
+                                graph=graph)
+        opset = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
         onnx.save(model, tmp / "model.onnx")
         del model
         onnx.checker.check_model(str(tmp / "model.onnx"))
+        genai = write_genai_files(tmp, cfg, tokenizer)
         files = {"model.onnx": {"bytes": (tmp / "model.onnx").stat().st_size, "sha256": sha256_file(tmp / "model.onnx")},
                  "model.onnx.data": {"bytes": (tmp / "model.onnx.data").stat().st_size}}
         manifest = {
             "stage": "export-onnx", "version": __version__, **(provenance or {}),
             "preset": cfg.name, "config": cfg.to_dict(), "quant": quant,
-            "opset": OPSET, "io": io_spec(cfg), "files": files,
+            "opset": opset["ai.onnx"], "graph": graph, "opsets": opset, "io": io_spec(cfg), "files": files,
             "int8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": BLOCK_SIZE,
                      "zero_point": 128, "accuracy_level": 4,
                      "quantized": "attention q/k/v/o and expert matrices; router, norms, embedding f32",
                      "tolerance": {"mean_abs_logit_diff": INT8_MEAN_TOL, "max_abs_logit_diff": INT8_LOGIT_TOL,
                                    "greedy_agreement": INT8_MIN_AGREEMENT}} if quant == "int8" else None,
             "float32_logit_tolerance": FLOAT32_LOGIT_TOL,
+            "onnxruntime_genai": {"config": "genai_config.json", "files": genai},
             "checker": "onnx.checker passed", "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -133,8 +144,10 @@ def cli_export_onnx(args) -> int:
     from grok_deploy.manifest import lock
 
     with lock(Path(args.out).resolve().parent, f"grok-deploy export-onnx {args.out}"):
-        man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None))
+        man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None),
+                          graph=getattr(args, "graph", "fused"))
     gb = man["files"]["model.onnx.data"]["bytes"] / 1e9
-    print(f"wrote {args.out}/model.onnx ({man['preset']}, quant {man['quant']}, {gb:.2f} GB of weights, "
+    print(f"wrote {args.out}/model.onnx ({man['preset']}, {man['graph']} graph, quant {man['quant']}, "
+          f"{gb:.2f} GB of weights, "
           f"{man['seconds']:.1f} s)", file=sys.stderr)
     return 0

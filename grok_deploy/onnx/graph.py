@@ -167,7 +167,11 @@ class _Graph:
 
 
 class DecoderBuilder:
-    """Builds the decoder graph; `src` gives weights (`read(name)`, `read_expert(name, e)`)."""
+    """Builds the decoder graph from standard ops (`export-onnx --graph standard`); `src` gives
+    weights (`read(name)`, `read_expert(name, e)`). fused.FusedDecoderBuilder overrides the
+    attention, the norms and `shared` with ONNX Runtime's fused operators."""
+
+    opset = OPSET
 
     def __init__(self, cfg: GrokConfig, src, writer: WeightWriter, quant: str = "none", block: int = 64):
         if quant not in ("none", "int8"):
@@ -300,6 +304,15 @@ class DecoderBuilder:
         emb = self.weight(names.EMBEDDING, (c.vocab_size, c.emb_size), lambda: self.src.read(names.EMBEDDING))
         h = g.op("Mul", g.op("Gather", emb, "input_ids", axis=0), g.const(c.embedding_multiplier, np.float32))
         self.shared()
+        h = g.op("Reshape", self.layers(h, n_layers), g.const([-1, c.emb_size]))
+        logits = g.op("Mul", g.op("Gemm", h, emb, transB=1), g.const(c.output_multiplier, np.float32))
+        shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([c.vocab_size]), axis=0)
+        g.op("Reshape", logits, shape, out="logits")
+        return self._model(n_layers)
+
+    def layers(self, h: str, n_layers: int) -> str:
+        """The decoder layers on h (B, T, D); returns the final norm's output."""
+        g, c = self.g, self.cfg
         for i in range(n_layers):
             lp = names.layer_path(i, "")
             a = self.attention(i, self.rms_norm(h, lp + "rms_norm/scale"))
@@ -307,12 +320,7 @@ class DecoderBuilder:
             x = g.op("Reshape", self.rms_norm(h, lp + "rms_norm_2/scale"), g.const([-1, c.emb_size]))
             m = g.op("Reshape", self.moe(i, x), g.op("Shape", h))
             h = g.op("Add", h, self.rms_norm(m, lp + "rms_norm_3/scale"))
-
-        h = g.op("Reshape", self.rms_norm(h, names.FINAL_NORM), g.const([-1, c.emb_size]))
-        logits = g.op("Mul", g.op("Gemm", h, emb, transB=1), g.const(c.output_multiplier, np.float32))
-        shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([c.vocab_size]), axis=0)
-        g.op("Reshape", logits, shape, out="logits")
-        return self._model(n_layers)
+        return self.rms_norm(h, names.FINAL_NORM)
 
     def _model(self, n_layers: int) -> onnx.ModelProto:
         c = self.cfg
@@ -326,8 +334,8 @@ class DecoderBuilder:
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", F, kv))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", F, kv))
         graph = helper.make_graph(self.g.nodes, "grok1_decoder", inputs, outputs, self.g.inits)
-        opsets = [helper.make_opsetid("", OPSET)]
-        if self.quant == "int8":
+        opsets = [helper.make_opsetid("", self.opset)]
+        if self.quant == "int8" or self.opset != OPSET:  # MatMulNBits / the fused graph's contrib ops
             opsets.append(helper.make_opsetid("com.microsoft", 1))
         return helper.make_model(graph, opset_imports=opsets, producer_name="grok-deploy")
 
@@ -345,11 +353,20 @@ class ParamSource:
         return np.asarray(self.params[name][e], np.float32)
 
 
+GRAPHS = ("fused", "standard")
+
+
 def build_model(cfg: GrokConfig, src, data_path: Path | None, quant: str = "none", block: int = 64,
-                layers: int | None = None) -> onnx.ModelProto:
-    """The decoder ModelProto; weights go to `data_path` (None: shapes only, nothing read)."""
+                layers: int | None = None, graph: str = "fused") -> onnx.ModelProto:
+    """The decoder ModelProto; weights go to `data_path` (None: shapes only, nothing read).
+    `graph`: "fused" (ONNX Runtime's fused operators, fused.py) or "standard" (standard ops only)."""
+    from grok_deploy.onnx.fused import FusedDecoderBuilder
+
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    builder = FusedDecoderBuilder if graph == "fused" else DecoderBuilder
     writer = WeightWriter(data_path)
     try:
-        return DecoderBuilder(cfg, src, writer, quant, block).build(layers)
+        return builder(cfg, src, writer, quant, block).build(layers)
     finally:
         writer.close()

@@ -28,25 +28,41 @@ from grok_deploy.onnx.graph import (
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_ckpt, tmp_path_factory):
+    """The default export: the fused graph (onnx/fused.py)."""
     out = tmp_path_factory.mktemp("onnx") / "f32"
     export_onnx(tiny_ckpt, out, "none", progress=False)
     return out
 
 
+@pytest.fixture(scope="module")
+def standard_dir(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "f32-standard"
+    export_onnx(tiny_ckpt, out, "none", progress=False, graph="standard")
+    return out
+
+
 def run_graph(path, tokens: np.ndarray, past: np.ndarray | None = None, capacity: int = 32):
-    """Prefill a right-padded batch at positions 0..T-1; returns logits and the presents."""
+    """Prefill a right-padded batch at positions 0..T-1 with every cache bound as past and present
+    (one buffer, as the engine and onnxruntime-genai bind it); returns logits and the caches."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     cfg = GrokConfig.from_name("grok-1-tiny")
     b, t = tokens.shape
     mask = np.zeros((b, capacity), np.int64)
     mask[:, :t] = tokens != 0
-    feeds = {"input_ids": tokens, "position_ids": np.tile(np.arange(t), (b, 1)), "attention_mask": mask}
+    io = sess.io_binding()
+    for name, arr in (("input_ids", tokens), ("position_ids", np.tile(np.arange(t), (b, 1))), ("attention_mask", mask)):
+        io.bind_cpu_input(name, arr)
     shape = (b, cfg.num_kv_heads, capacity, cfg.key_size)
+    caches = []
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(shape, np.float32) if past is None else past.copy()
-    out = sess.run(None, feeds)
-    return out[0], out[1:]
+            caches.append(np.zeros(shape, np.float32) if past is None else past.copy())
+            ov = ort.OrtValue.ortvalue_from_numpy(caches[-1])
+            io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
+            io.bind_ortvalue_output(f"present.{i}.{kind}", ov)
+    io.bind_output("logits", "cpu")
+    sess.run_with_iobinding(io)
+    return io.get_outputs()[-1].numpy(), caches
 
 
 def test_export_writes_graph_external_data_and_manifest(onnx_dir):
@@ -66,10 +82,12 @@ def test_export_writes_graph_external_data_and_manifest(onnx_dir):
     assert inputs[3] == "past_key_values.0.key" and dims == ["batch", 8, "past", 16]
 
 
-def test_graph_prefill_matches_reference_and_writes_cache_in_place(onnx_dir, tiny_model):
+@pytest.mark.parametrize("graph", ["fused", "standard"])
+def test_graph_prefill_matches_reference_and_writes_cache_in_place(graph, request, tiny_model):
+    folder = request.getfixturevalue("onnx_dir" if graph == "fused" else "standard_dir")
     tokens = np.array([[5, 6, 7, 0, 0, 0], [10, 11, 12, 13, 14, 15], [40, 0, 42, 43, 0, 0]], np.int64)
     past = np.random.default_rng(0).standard_normal((3, 8, 32, 16)).astype(np.float32)
-    logits, presents = run_graph(onnx_dir / "model.onnx", tokens, past)
+    logits, presents = run_graph(folder / "model.onnx", tokens, past)
     with torch.no_grad():
         ref = tiny_model(torch.from_numpy(tokens)).numpy()
     real = tokens != 0  # pad positions are not compared (their logits are unused)
