@@ -98,3 +98,33 @@ def cli_peak(*args, timeout: float = 120, cwd=None) -> tuple[subprocess.Complete
         res = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(errors="replace"),
                                           err.read().decode(errors="replace"))
     return res, usage.ru_maxrss / 1024
+
+
+_SMALL_FS = r'''
+mnt="$1"; size="$2"; fill="$3"; listing="$4"; shift 4
+mount -t tmpfs -o size="$size" tmpfs "$mnt" || exit 99
+if [ "$fill" = fill ]; then dd if=/dev/zero of="$mnt/.fill" bs=4k 2>/dev/null; fi
+"$@"; rc=$?
+rm -f "$mnt/.fill"
+(cd "$mnt" && find . -mindepth 1 \( -type d -printf '%p/\n' \) -o -printf '%p %s\n' | sort) > "$listing"
+exit $rc
+'''
+
+
+def cli_on_small_fs(mnt: Path, size: str, *args, fill: bool = False, timeout: float = 180,
+                    cwd=None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The CLI in a private mount namespace where `mnt` is a new tmpfs of `size` bytes (`fill`:
+    filled to the last block first); (its result, what is left on that file system afterwards).
+    What is left is listed as `./dir/` and `./file SIZE`. The mount dies with the namespace: nothing
+    to unmount, even after a timeout."""
+    import os
+
+    mnt.mkdir(parents=True, exist_ok=True)
+    listing = mnt.parent / f"{mnt.name}.listing"
+    cmd = ["unshare", "-m", *(["-r"] if os.geteuid() else []), "sh", "-c", _SMALL_FS, "sh", str(mnt), size,
+           "fill" if fill else "-", str(listing), sys.executable, "-m", "grok_deploy.cli", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert res.returncode != 99, f"cannot mount a tmpfs here: {res.stderr}"
+    left = listing.read_text().splitlines()
+    listing.unlink()
+    return res, left
