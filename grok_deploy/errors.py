@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # what Rust extensions (tokenizers, safetensors) put in the text of their I/O errors

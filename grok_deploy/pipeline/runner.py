@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ def _stop_when_full(handler: logging.Handler, path: Path):
             stream.close()  # its unwritten buffer cannot be written: drop it with the file
         except OSError:
             pass
+        if threading.current_thread() is not threading.main_thread():
+            return None  # a log pump thread (the server's) cannot stop the stage: its lines are dropped
         raise no_space(path, len(handler.format(record)) + 1, "the stage log") from None
 
     return handle

@@ -71,33 +71,33 @@ def trusted_or_absent(out: Path) -> None:
             assert hashlib.sha256(f.read_bytes()).hexdigest() == meta["sha256"], name
 
 
-def cli_peak(*args, timeout: float = 120, cwd=None) -> tuple[subprocess.CompletedProcess, float]:
-    """The CLI in a subprocess, and that process's peak resident memory in MB (ru_maxrss of this
-    one child, from wait4: other children of the test run do not count)."""
-    import os
-    import tempfile
-    import time
+# Runs the CLI and, at its exit, writes its peak resident memory (VmHWM, kB) to argv[1]. Not
+# ru_maxrss: Linux counts into it the memory of the process that forked it (a pytest of 300 MB).
+_PEAK = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def report():
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(out, "w") as f:
+        f.write(kb)
+atexit.register(report)
+sys.argv[0] = "grok-deploy"
+runpy.run_module("grok_deploy.cli", run_name="__main__", alter_sys=True)
+"""
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        cmd = [sys.executable, "-m", "grok_deploy.cli", *map(str, args)]
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(errors="replace"),
-                                          err.read().decode(errors="replace"))
-    return res, usage.ru_maxrss / 1024
+
+def cli_peak(*args, timeout: float = 120, cwd=None) -> tuple[subprocess.CompletedProcess, float]:
+    """The CLI in a subprocess, and that process's own peak resident memory in MB (its VmHWM,
+    read as it exits)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        res = subprocess.run([sys.executable, "-c", _PEAK, str(peak_file), *map(str, args)], capture_output=True,
+                             text=True, timeout=timeout, cwd=cwd)
+        assert peak_file.exists(), f"the command did not report its peak: {res.stderr[-2000:]}"
+        return res, int(peak_file.read_text()) / 1024
 
 
 _SMALL_FS = r'''
