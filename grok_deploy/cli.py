@@ -14,7 +14,7 @@ import sys
 import threading
 
 from grok_deploy import __version__
-from grok_deploy.errors import UserError
+from grok_deploy.errors import UserError, is_no_space, os_error_message
 
 # command -> (module, handler). Arguments are declared below, exactly as interface.md.
 HANDLERS = {
@@ -170,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except Exception as e:  # the last resort for file system errors a command did not name itself
+        if isinstance(e, OSError) and e.filename is not None:
+            message = os_error_message(e)
+        elif is_no_space(e):
+            message = "no space left on the device (or quota exceeded) while writing; free space and run again"
+        else:
+            raise
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
         print(f"error: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing half-written was kept", file=sys.stderr)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from grok_deploy.errors import UserError
+from grok_deploy.errors import UserError, mount_point
 
 MANIFEST = "manifest.json"
 MARK = ".grok-deploy"       # {"made_by": "grok-deploy", "stage": kind}: written first into every tmp folder
@@ -164,7 +164,8 @@ def check_space(out: Path, need: int, what: str) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < need:
-        raise UserError(f"{out}: {what} needs {need / 1e9:.2f} GB and {where} has {free / 1e9:.2f} GB free; "
+        raise UserError(f"{out}: {what} needs {need / 1e9:.2f} GB ({need} bytes) and {where} has {free / 1e9:.2f} GB "
+                        f"({free} bytes) free on the file system mounted at {mount_point(where)}; "
                         "free space there or write the output elsewhere")
 
 
@@ -232,6 +233,9 @@ def lock(folder: str | Path, what: str = "grok-deploy") -> Iterator[Path]:
         finally:
             _HELD[key][1] -= 1
         return
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would block, a folder fail
+        raise UserError(f"{path}: exists and is not a regular file (a folder, FIFO, device or symlink), not a lock "
+                        "file grok-deploy made; nothing was changed; remove it yourself or write elsewhere")
     while True:
         f = open(path, "a+")
         try:

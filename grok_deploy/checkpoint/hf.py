@@ -181,7 +181,8 @@ def open_hf(path: Path, tokenizer: Path, preset: str | GrokConfig | None) -> HfC
         check_header(file)
         try:
             with safe_open(str(file), framework="np") as f:
-                for key in f.keys():
+                keys = f.keys()  # at most MAX_TENSORS (check_header)
+                for key in keys:
                     if key in where:
                         raise UserError(f"{file}: tensor {key!r} is also in {where[key].name}; remove the "
                                         "shard that does not belong")

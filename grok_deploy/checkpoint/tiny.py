@@ -6,6 +6,7 @@ release (int8 with bf16 per-column scales, 8 K-block scales for the row-parallel
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -92,7 +93,24 @@ def make_tiny(out, preset: str | GrokConfig = "grok-1-tiny", seed: int = 0, prog
     return out
 
 
+def min_bytes(cfg: GrokConfig) -> int:
+    """A lower bound of the checkpoint's size: int8 codes of the quantised leaves, float32 of the
+    others (scales, pickle headers and the tokenizer come on top)."""
+    def per_value(path: str) -> int:
+        layer = names.split_layer_path(path)
+        return 1 if layer and layer[1] in names.QUANTIZED_LEAVES else 4
+
+    return sum(math.prod(names.leaf_shape(cfg, p)) * per_value(p) for p in names.flatten_order(cfg.num_layers))
+
+
 def cli_make_tiny(args) -> int:
-    out = make_tiny(args.out, args.preset, args.seed)
+    from grok_deploy.errors import space_errors
+    from grok_deploy.manifest import check_space
+
+    cfg = GrokConfig.from_name(args.preset) if isinstance(args.preset, str) else args.preset
+    need, what = min_bytes(cfg), f"the {cfg.name} checkpoint"
+    check_space(Path(args.out), need, what)
+    with space_errors(args.out, need, what):
+        out = make_tiny(args.out, args.preset, args.seed)
     print(f"wrote {out} ({args.preset}, seed {args.seed})")
     return 0

@@ -99,6 +99,12 @@ def export_onnx(src, out, quant: str = "none", preset: str | None = None, progre
     return write_onnx(ckpt.config, ckpt, out, quant, provenance, progress, graph, ckpt.tokenizer_path)
 
 
+def min_bytes(cfg, quant: str) -> int:
+    """A lower bound of the export's size: the weights as float32, or as int8 codes (their scales
+    and the float32 embedding and norms come on top); 5% off for what the graph shares."""
+    return cfg.param_count() * (1 if quant == "int8" else 4) * 95 // 100
+
+
 def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = None,
                progress: bool = False, graph: str = "fused", tokenizer=None) -> dict:
     """The export core on any weight source (`read(name)`, `read_expert(name, e)`); with
@@ -106,13 +112,16 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
     import onnx
 
     from grok_deploy import __version__
-    from grok_deploy.manifest import atomic_dir
+    from grok_deploy.errors import space_errors
+    from grok_deploy.manifest import atomic_dir, check_space
     from grok_deploy.onnx.genai import write_genai_files
     from grok_deploy.onnx.graph import build_model
     from grok_deploy.progress import Progress
 
     t0 = time.perf_counter()
-    with atomic_dir(out, "export-onnx") as tmp:
+    need, what = min_bytes(cfg, quant), f"the ONNX export ({cfg.name}, quant {quant})"
+    check_space(Path(out), need, what)
+    with space_errors(out, need, what), atomic_dir(out, "export-onnx") as tmp:
         with Progress(cfg.param_count() * 4, "export-onnx", show=None if progress else False) as bar:
             model = build_model(cfg, _Tracked(source, bar), tmp / "model.onnx.data", quant, BLOCK_SIZE,
                                 graph=graph)
@@ -141,9 +150,11 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
 
 
 def cli_export_onnx(args) -> int:
+    from grok_deploy.errors import space_errors
     from grok_deploy.manifest import lock
 
-    with lock(Path(args.out).resolve().parent, f"grok-deploy export-onnx {args.out}"):
+    root = Path(args.out).resolve().parent
+    with space_errors(root, None, "the lock file"), lock(root, f"grok-deploy export-onnx {args.out}"):
         man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None),
                           graph=getattr(args, "graph", "fused"))
     gb = man["files"]["model.onnx.data"]["bytes"] / 1e9

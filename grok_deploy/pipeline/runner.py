@@ -7,8 +7,10 @@ that runs writes into a temporary folder that is renamed into place, manifest.js
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from grok_deploy import __version__
-from grok_deploy.errors import UserError
+from grok_deploy.errors import UserError, is_no_space, no_space, space_errors
 from grok_deploy.manifest import (check_replaceable, clean_stale, commit, fingerprint, folder_bytes, lock, new_tmp,
                                   read_manifest, replace_problem)
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
@@ -99,6 +101,7 @@ def stage_log(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.handleError = _stop_when_full(handler, path)
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
@@ -111,6 +114,30 @@ def stage_log(path: Path):
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+
+
+def _stop_when_full(handler: logging.Handler, path: Path):
+    """The handler's handleError: a log on a full file system stops the stage with one `error:`
+    line (logging's default prints a traceback and goes on); later records go nowhere."""
+    default = handler.handleError
+
+    def handle(record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not is_no_space(error):
+            return default(record)
+        if getattr(handler, "full", False):
+            return None
+        handler.full = True
+        stream, handler.stream = handler.stream, open(os.devnull, "w")  # noqa: SIM115 (the handler closes it)
+        try:
+            stream.close()  # its unwritten buffer cannot be written: drop it with the file
+        except OSError:
+            pass
+        if threading.current_thread() is not threading.main_thread():
+            return None  # a log pump thread (the server's) cannot stop the stage: its lines are dropped
+        raise no_space(path, len(handler.format(record)) + 1, "the stage log") from None
+
+    return handle
 
 
 def _run_one(cfg: PipelineConfig, d: Decision, manifests: dict, dirs: dict, stack: ExitStack, services: dict) -> dict:
@@ -139,10 +166,12 @@ def _run_one(cfg: PipelineConfig, d: Decision, manifests: dict, dirs: dict, stac
             if tmp is not None:
                 commit(tmp, d.out, doc, write=passed, kind=st.name)
                 dirs[st.name] = d.out
-        except BaseException:
+        except BaseException as e:
             log.exception("stage %s failed", st.name)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if is_no_space(e):  # what the stage core did not name itself
+                raise no_space(d.out or cfg.root, None, f"stage {st.name}") from None
             raise
         log.info("stage %s %s in %.1f s", st.name, "done" if passed else "FAILED its check", seconds)
     manifests[st.name] = doc
@@ -169,7 +198,8 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None, force: bool
     anything, an output folder that holds something it did not write."""
     with ExitStack() as locks:
         for root in lock_roots(cfg, table):
-            locks.enter_context(lock(root, f"grok-deploy run {cfg.file}"))
+            with space_errors(root, None, "the lock file"):
+                locks.enter_context(lock(root, f"grok-deploy run {cfg.file}"))
         return _run_locked(cfg, only, force, keep_serving, table, echo)
 
 

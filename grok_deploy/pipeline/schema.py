@@ -32,8 +32,8 @@ Count = Annotated[int, Field(gt=0, le=1024)]  # ranks, instances, workers
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
 PATH_KEYS = ("model.source.path", "model.source.tokenizer", "server.binary", "hardware.hostfile",
-             *(f"outputs.{k}" for k in ("source", "reference", "trtllm_ckpt", "onnx", "engines",
-                                         "triton_repo", "reports", "logs")))
+             *(f"outputs.{k}" for k in ("source", "reference", "trtllm_ckpt", "trtllm_preprocessed", "onnx",
+                                         "engines", "triton_repo", "reports", "logs")))
 Plugin = Literal["auto", "bfloat16", "float16", "float32", "disable"]  # auto: the pipeline's dtype
 SHARDS_PROMPT = "The answer to life the universe and everything is of course"
 

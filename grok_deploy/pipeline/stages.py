@@ -175,11 +175,23 @@ def source_signature(cfg: PipelineConfig) -> list:
     for dirpath, dirnames, files in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(files):
-            st = os.stat(os.path.join(dirpath, name))
+            st = _source_stat(os.path.join(dirpath, name))
             sig.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
             if len(sig) > 20000:
                 return sig
     return sig
+
+
+def _source_stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        from grok_deploy.errors import UserError
+
+        if os.path.islink(path):
+            raise UserError(f"{path}: a symlink in the source folder that leads nowhere ({os.readlink(path)}: "
+                            f"{e.strerror}); fix or remove it") from None
+        raise UserError(f"{path}: cannot be read in the source folder ({e.strerror}); fix or remove it") from None
 
 
 def _golden(cfg: PipelineConfig) -> bool:

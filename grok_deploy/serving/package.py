@@ -165,6 +165,7 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
     the source stage's tokenizer.model.
     """
     from grok_deploy import __version__
+    from grok_deploy.errors import space_errors
     from grok_deploy.manifest import atomic_dir
     from grok_deploy.model.hf_tokenizer import write_hf_tokenizer
     from grok_deploy.model.tokenizer import check_tokenizer_file
@@ -182,7 +183,7 @@ def package(cfg, out, tokenizer=None, engine_dir=None, engine_kind: str | None =
     _check_engine(kind, engine_dir)
     configs = render_configs(cfg, kind, engine_dir)
     models = {}
-    with atomic_dir(out, "package") as tmp:
+    with space_errors(out, None, "the model repository"), atomic_dir(out, "package") as tmp:
         for model, (name, text) in configs.items():
             version = tmp / model / "1"
             version.mkdir(parents=True)

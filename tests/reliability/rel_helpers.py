@@ -71,30 +71,60 @@ def trusted_or_absent(out: Path) -> None:
             assert hashlib.sha256(f.read_bytes()).hexdigest() == meta["sha256"], name
 
 
-def cli_peak(*args, timeout: float = 120, cwd=None) -> tuple[subprocess.CompletedProcess, float]:
-    """The CLI in a subprocess, and that process's peak resident memory in MB (ru_maxrss of this
-    one child, from wait4: other children of the test run do not count)."""
-    import os
-    import tempfile
-    import time
+# Runs the CLI and, at its exit, writes its peak resident memory (VmHWM, kB) to argv[1]. Not
+# ru_maxrss: Linux counts into it the memory of the process that forked it (a pytest of 300 MB).
+_PEAK = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def report():
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(out, "w") as f:
+        f.write(kb)
+atexit.register(report)
+sys.argv[0] = "grok-deploy"
+runpy.run_module("grok_deploy.cli", run_name="__main__", alter_sys=True)
+"""
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        cmd = [sys.executable, "-m", "grok_deploy.cli", *map(str, args)]
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(errors="replace"),
-                                          err.read().decode(errors="replace"))
-    return res, usage.ru_maxrss / 1024
+
+def cli_peak(*args, timeout: float = 120, cwd=None) -> tuple[subprocess.CompletedProcess, float]:
+    """The CLI in a subprocess, and that process's own peak resident memory in MB (its VmHWM,
+    read as it exits)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        res = subprocess.run([sys.executable, "-c", _PEAK, str(peak_file), *map(str, args)], capture_output=True,
+                             text=True, timeout=timeout, cwd=cwd)
+        assert peak_file.exists(), f"the command did not report its peak: {res.stderr[-2000:]}"
+        return res, int(peak_file.read_text()) / 1024
+
+
+_SMALL_FS = r'''
+mnt="$1"; size="$2"; fill="$3"; listing="$4"; shift 4
+mount -t tmpfs -o size="$size" tmpfs "$mnt" || exit 99
+if [ "$fill" = fill ]; then dd if=/dev/zero of="$mnt/.fill" bs=4k 2>/dev/null; fi
+"$@"; rc=$?
+rm -f "$mnt/.fill"
+(cd "$mnt" && find . -mindepth 1 \( -type d -printf '%p/\n' \) -o -printf '%p %s\n' | sort) > "$listing"
+exit $rc
+'''
+
+
+def cli_on_small_fs(mnt: Path, size: str, *args, fill: bool = False, timeout: float = 180,
+                    cwd=None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The CLI in a private mount namespace where `mnt` is a new tmpfs of `size` bytes (`fill`:
+    filled to the last block first); (its result, what is left on that file system afterwards).
+    What is left is listed as `./dir/` and `./file SIZE`. The mount dies with the namespace: nothing
+    to unmount, even after a timeout."""
+    import os
+
+    mnt.mkdir(parents=True, exist_ok=True)
+    listing = mnt.parent / f"{mnt.name}.listing"
+    cmd = ["unshare", "-m", *(["-r"] if os.geteuid() else []), "sh", "-c", _SMALL_FS, "sh", str(mnt), size,
+           "fill" if fill else "-", str(listing), sys.executable, "-m", "grok_deploy.cli", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert res.returncode != 99, f"cannot mount a tmpfs here: {res.stderr}"
+    left = listing.read_text().splitlines()
+    listing.unlink()
+    return res, left

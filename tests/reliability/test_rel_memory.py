@@ -48,7 +48,8 @@ YAMLS = {  # name -> (text, what the error says)
     "billion laughs": ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
         f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
         "more than 100000 YAML values"),
-    "aliased big scalar": (f"a: &a {BIG}\nb: [*a, *a, *a]\n", f"more than {MAX_EXPANDED_BYTES} bytes of keys and values"),
+    "aliased big scalar": (f"a: &a {BIG}\nb: [*a, *a, *a]\n",
+                           f"more than {MAX_EXPANDED_BYTES} bytes of keys and values"),
 }
 
 

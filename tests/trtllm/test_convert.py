@@ -272,8 +272,11 @@ def test_a_file_system_too_small_is_refused_before_anything_is_written(tiny_ckpt
     monkeypatch.setattr(manifest.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - need + 1, need - 1))
     assert main(["convert", str(tiny_ckpt), str(tmp_path / "out" / "trt"), "--tp", "2"]) == 2
     err = capsys.readouterr().err
+    from grok_deploy.errors import mount_point
+
     assert err == (f"error: {tmp_path / 'out' / 'trt'}: the TensorRT-LLM checkpoint (tp 2, w8a16, bfloat16) "
-                   f"needs {need / 1e9:.2f} GB and {tmp_path / 'out'} has {(need - 1) / 1e9:.2f} GB free; "
+                   f"needs {need / 1e9:.2f} GB ({need} bytes) and {tmp_path / 'out'} has {(need - 1) / 1e9:.2f} GB "
+                   f"({need - 1} bytes) free on the file system mounted at {mount_point(tmp_path)}; "
                    "free space there or write the output elsewhere\n")
     assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []  # no trt, no tmp
     monkeypatch.setattr(manifest.shutil, "disk_usage", lambda path: usage(10**12, 0, need))
