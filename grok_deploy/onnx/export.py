@@ -123,7 +123,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
 
 
 def cli_export_onnx(args) -> int:
-    from grok_deploy.manifest import lock
+    from grok_deploy.safe_files import lock
 
     with lock(Path(args.out).resolve().parent, f"grok-deploy export-onnx {args.out}"):
         man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None))

@@ -12,7 +12,6 @@ import json
 import shlex
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import replace_problem
 from grok_deploy.model.config import GrokConfig
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
 from grok_deploy.serving.deploy import exposed
@@ -226,13 +225,12 @@ def check_shards_estimate(cfg: PipelineConfig) -> dict | None:
 
 
 def plan_doc(cfg: PipelineConfig) -> dict:
-    from grok_deploy.pipeline.runner import schedule
+    from grok_deploy.pipeline.runner import schedule, write_problem
 
     decisions, problems = schedule(cfg)
-    for d in decisions:  # what `run` would refuse to replace, refused here already
-        problem = replace_problem(d.out, d.stage.name) if d.out is not None and d.action != "n/a" else None
-        if problem:
-            raise UserError(f"stage {d.stage.name}: {problem}")
+    problem = write_problem(cfg, decisions, running_only=False)  # what `run` would refuse, refused here already
+    if problem:
+        raise UserError(problem)
     mem, roof = memory_estimate(cfg), roofline(cfg)
     warnings = [f"{cfg.where(k)}: {path} does not exist; `run` needs it for the stages that read the source"
                 for k, path in cfg.missing_paths()] + trtllm_warnings(cfg) + problems

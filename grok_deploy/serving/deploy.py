@@ -333,7 +333,9 @@ class TritonServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"tritonserver-{self.ports['grpc']}.log"
         cmd = self.command(found)
-        with open(self.log_path, "w") as log:
+        from grok_deploy.safe_files import open_generated  # a new file renamed in, never over a user's
+
+        with open_generated(self.log_path, "tritonserver log") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
