@@ -265,9 +265,12 @@ def replace_problem(out: Path, kind: str | None) -> str | None:
             return None
         made = None if doc is None else str(doc.get("stage") or "")
         if doc is not None and kind is not None and made != kind:
-            unknown = (sorted(n for n in os.listdir(out) if n != MARK) or [MARK])[0], f"grok-deploy {made} wrote it"
-        elif doc is not None and doc["path"] != _real(out):
-            unknown = MARK, f"its mark was written for {doc['path']} (a copy or a move)"
+            unknown = (sorted(n for n in os.listdir(out) if n not in (MARK, MANIFEST)) or [MARK])[0], \
+                f"grok-deploy {made} wrote it"
+        elif doc is not None and doc["path"] != _real(out):  # a copy or a move: name what the user added, if any
+            unknown = _first_unknown(out, doc) or (MARK, "")
+            unknown = unknown[0], (unknown[1] + "; " if unknown[1] else "") + (
+                f"its mark was written for {doc['path']}, not for this folder (a copy or a move)")
         else:
             unknown = _first_unknown(out, doc)
     except OSError as e:
