@@ -226,7 +226,7 @@ def enclosing_output(out: Path) -> Path | None:
     folder, which its stage replaces whole), or None."""
     up = Path(os.path.realpath(Path(os.path.abspath(out)).parent))
     for d in (up, *up.parents):
-        if os.path.lexists(d / MARK):
+        if _top_skipped(d, MARK):  # a mark file (a `.grok-deploy/` folder, e.g. a tool's ~/.grok-deploy, is not)
             return d
     return None
 

@@ -295,7 +295,7 @@ def cli_plan(args) -> int:
             raise UserError(f"--k8s: {cfg.where('engine.backend')} is {cfg.engine.backend}; the multi-node manifest is for trtllm")
         from grok_deploy.serving.k8s import DEFAULT_IMAGE, write_manifests
 
-        write_manifests(cfg, args.k8s, image=args.image or DEFAULT_IMAGE)
+        write_manifests(cfg, args.k8s, image=DEFAULT_IMAGE if args.image is None else args.image)
         doc["kubernetes_manifest"] = str(args.k8s)
     print(json.dumps(doc, indent=1) if args.json else render(doc, cfg))
     if doc.get("kubernetes_manifest") and not args.json:
