@@ -18,7 +18,9 @@ from rel_helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_OF = {"convert": "convert", "export-onnx": "export-onnx", "make-tiny": "source", "preprocess": "preprocess",
-            "run-source": "source", "run-package": "package", "plan": "source", "verify": "verify", "bench": "bench"}
+            "run-source": "source", "run-convert": "convert", "run-export-onnx": "export-onnx", "run-build": "build",
+            "run-package": "package", "plan": "source", "verify": "verify", "bench": "bench"}
+TARGET = {"verify": "verify", "bench": "bench", "run-build": "onnxruntime"}  # the folder name a command writes
 
 
 def _main(*args) -> SimpleNamespace:
@@ -62,6 +64,9 @@ def _command(command: str, target: Path, done: Path, ckpt: Path) -> list:
         "make-tiny": lambda: ["make-tiny", target],
         "preprocess": lambda: ["preprocess", done / "nothing-here", target],
         "run-source": lambda: ["run", pipe("source", target), "--stages", "source"],
+        "run-convert": lambda: ["run", pipe("trtllm_ckpt", target), "--stages", "convert"],
+        "run-export-onnx": lambda: ["run", pipe("onnx", target), "--stages", "export-onnx"],
+        "run-build": lambda: ["run", pipe("engines", target.parent), "--stages", "build"],  # engines/<backend>
         "run-package": lambda: ["run", pipe("triton_repo", target), "--stages", "package"],
         "plan": lambda: ["plan", pipe("source", target)],
         "verify": lambda: ["verify", pipe("reports", target.parent), "--url", "127.0.0.1:9"],
@@ -75,7 +80,7 @@ def _command(command: str, target: Path, done: Path, ckpt: Path) -> list:
 def test_forged_and_foreign_folders_are_never_replaced(command, shape, done, tiny_ckpt, tmp_path):
     base = tmp_path / "user"
     base.mkdir()
-    target = base / ({"verify": "verify", "bench": "bench"}.get(command, "out"))
+    target = base / TARGET.get(command, "out")
     entry = SHAPES[shape](target, STAGE_OF[command])
     before = snapshot(tmp_path)
     res = _main(*_command(command, target, done, tiny_ckpt))
