@@ -7,14 +7,13 @@ release (int8 with bf16 per-column scales, 8 K-block scales for the row-parallel
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import MARK, clean_stale, new_tmp
+from grok_deploy.manifest import check_replaceable, clean_stale, commit, is_empty, new_tmp
 from grok_deploy.model import names
 from grok_deploy.model.config import GrokConfig
 
@@ -66,27 +65,21 @@ def random_leaf(cfg: GrokConfig, path: str, index: int, seed: int):
 
 def make_tiny(out, preset: str | GrokConfig = "grok-1-tiny", seed: int = 0, progress: bool = True) -> Path:
     """Write OUT/ckpt-0/tensor{i:05d}_000 and OUT/tokenizer.model; atomic (tmp dir, then rename).
-    `preset` is a preset name or a GrokConfig (e.g. a preset with fewer layers)."""
-    from grok_deploy.checkpoint.xai import write_checkpoint
-    from grok_deploy.model.tokenizer import train_tiny_tokenizer
-
+    `preset` is a preset name or a GrokConfig (e.g. a preset with fewer layers). OUT must be new,
+    new or empty."""
     cfg = preset if isinstance(preset, GrokConfig) else GrokConfig.from_name(preset)
     out = Path(out)
-    if cfg.ffn_size % names.SCALE_K_BLOCKS or cfg.q_size % names.SCALE_K_BLOCKS:
-        raise UserError(f"preset {cfg.name}: K axes must split into {names.SCALE_K_BLOCKS} scale blocks")
+    _check_preset(cfg)
     if "\0" in str(out):
         raise UserError(f"{str(out)!r}: the output path contains a NUL character")
-    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or set(os.listdir(out)) - {MARK}):
+    check_replaceable(out, "source")  # not inside another output; never a user's folder
+    if not is_empty(out):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new folder or remove it")
     clean_stale(out)
     tmp = new_tmp(out, "source")
     try:
-        (tmp / "tokenizer.model").write_bytes(train_tiny_tokenizer(cfg.vocab_size, seed))
-        leaves = ((p, random_leaf(cfg, p, i, seed)) for i, p in enumerate(names.flatten_order(cfg.num_layers)))
-        write_checkpoint(tmp, cfg, leaves, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)  # empty but for our mark (the runner's tmp folder)
-        tmp.rename(out)
+        write_tiny(tmp, cfg, seed, progress)
+        commit(tmp, out, kind="source")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -101,6 +94,23 @@ def min_bytes(cfg: GrokConfig) -> int:
         return 1 if layer and layer[1] in names.QUANTIZED_LEAVES else 4
 
     return sum(math.prod(names.leaf_shape(cfg, p)) * per_value(p) for p in names.flatten_order(cfg.num_layers))
+
+
+def _check_preset(cfg: GrokConfig) -> None:
+    if cfg.ffn_size % names.SCALE_K_BLOCKS or cfg.q_size % names.SCALE_K_BLOCKS:
+        raise UserError(f"preset {cfg.name}: K axes must split into {names.SCALE_K_BLOCKS} scale blocks")
+
+
+def write_tiny(folder: Path, preset: str | GrokConfig, seed: int = 0, progress: bool = True) -> None:
+    """The files of make_tiny, into the existing (tmp) folder `folder` (the pipeline's source stage)."""
+    from grok_deploy.checkpoint.xai import write_checkpoint
+    from grok_deploy.model.tokenizer import train_tiny_tokenizer
+
+    cfg = preset if isinstance(preset, GrokConfig) else GrokConfig.from_name(preset)
+    _check_preset(cfg)
+    (folder / "tokenizer.model").write_bytes(train_tiny_tokenizer(cfg.vocab_size, seed))
+    leaves = ((p, random_leaf(cfg, p, i, seed)) for i, p in enumerate(names.flatten_order(cfg.num_layers)))
+    write_checkpoint(folder, cfg, leaves, progress=progress)
 
 
 def cli_make_tiny(args) -> int:

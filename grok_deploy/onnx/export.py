@@ -151,7 +151,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
 
 def cli_export_onnx(args) -> int:
     from grok_deploy.errors import space_errors
-    from grok_deploy.manifest import lock
+    from grok_deploy.safe_files import lock
 
     root = Path(args.out).resolve().parent
     with space_errors(root, None, "the lock file"), lock(root, f"grok-deploy export-onnx {args.out}"):

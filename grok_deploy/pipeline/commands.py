@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from contextlib import contextmanager
 
 from grok_deploy.errors import UserError
 from grok_deploy.pipeline.schema import load_pipeline
@@ -48,13 +49,35 @@ def cli_verify(args) -> int:
         src = cfg.output("source") if cfg.model.source.format == "synthetic" else cfg.resolve(cfg.model.source.path)
         if not src.is_dir():
             raise UserError(f"{src}: no checkpoint; run `grok-deploy run {args.pipeline} --stages source` first")
-        res = verify(cfg, url, None, cfg.output("reports") / "verify", source=src, mode="score")
+        with _report_dir(cfg, "verify") as out:
+            res = verify(cfg, url, None, out, source=src, mode="score")
         return 0 if res["passed"] else 1
     ref = cfg.output("reference")
     if not (ref / "manifest.json").is_file():
         raise UserError(f"{ref}: no reference outputs; run `grok-deploy run {args.pipeline} --stages source,reference` first")
-    res = verify(cfg, url, ref, cfg.output("reports") / "verify")
+    with _report_dir(cfg, "verify") as out:
+        res = verify(cfg, url, ref, out)
     return 0 if res["passed"] else 1
+
+
+@contextmanager
+def _report_dir(cfg, stage: str):
+    """The stage's reports folder, written as the stage writes it: a tmp folder swapped in whole,
+    only over that stage's own folder (manifest.atomic_dir). No lock: a `run --keep-serving` holds
+    the pipeline folder's while these commands query its server."""
+    from grok_deploy.manifest import atomic_dir
+    from grok_deploy.safe_files import replace_file_problem
+
+    final = cfg.output("reports") / stage
+    if stage == "verify":
+        from grok_deploy.verify.compare import REPORT_FILES
+
+        for name in REPORT_FILES:
+            problem = replace_file_problem(final.parent / name, new_folder_ok=True)
+            if problem:
+                raise UserError(problem)
+    with atomic_dir(final, stage) as tmp:
+        yield tmp
 
 
 @server_errors
@@ -72,9 +95,10 @@ def cli_bench(args) -> int:
     out = cfg.output("reports") / "bench"
     if not args.json:
         print(HEADER, flush=True)
-    doc = bench(cfg, url=args.url, out=out, concurrency=levels, requests=args.requests, warmup=args.warmup,
-                input_tokens=args.input_tokens, output_tokens=args.output_tokens, model=args.model,
-                tokenizer=args.tokenizer, echo=None if args.json else (lambda line: print(line, flush=True)))
+    with _report_dir(cfg, "bench") as tmp:
+        doc = bench(cfg, url=args.url, out=tmp, concurrency=levels, requests=args.requests, warmup=args.warmup,
+                    input_tokens=args.input_tokens, output_tokens=args.output_tokens, model=args.model,
+                    tokenizer=args.tokenizer, echo=None if args.json else (lambda line: print(line, flush=True)))
     if args.json:
         print(json.dumps(doc))
     else:

@@ -12,7 +12,6 @@ import json
 import shlex
 
 from grok_deploy.errors import UserError
-from grok_deploy.manifest import replace_problem
 from grok_deploy.model.config import GrokConfig
 from grok_deploy.pipeline.hardware import int8_refusal, resolve_gpu, resolve_host
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
@@ -240,13 +239,12 @@ def check_shards_estimate(cfg: PipelineConfig, host=None) -> dict | None:
 
 
 def plan_doc(cfg: PipelineConfig) -> dict:
-    from grok_deploy.pipeline.runner import schedule
+    from grok_deploy.pipeline.runner import schedule, write_problem
 
     decisions, problems = schedule(cfg)
-    for d in decisions:  # what `run` would refuse to replace, refused here already
-        problem = replace_problem(d.out, d.stage.name) if d.out is not None and d.action != "n/a" else None
-        if problem:
-            raise UserError(f"stage {d.stage.name}: {problem}")
+    problem = write_problem(cfg, decisions, running_only=False)  # what `run` would refuse, refused here already
+    if problem:
+        raise UserError(problem)
     gpu = resolve_gpu(cfg, gpus.detect())
     mem, roof, host = memory_estimate(cfg, gpu), roofline(cfg, gpu), resolve_host(cfg)
     alt = None
@@ -329,7 +327,7 @@ def cli_plan(args) -> int:
             raise UserError(f"--k8s: {cfg.where('engine.backend')} is {cfg.engine.backend}; the multi-node manifest is for trtllm")
         from grok_deploy.serving.k8s import DEFAULT_IMAGE, write_manifests
 
-        write_manifests(cfg, args.k8s, image=args.image or DEFAULT_IMAGE)
+        write_manifests(cfg, args.k8s, image=DEFAULT_IMAGE if args.image is None else args.image)
         doc["kubernetes_manifest"] = str(args.k8s)
     print(json.dumps(doc, indent=1) if args.json else render(doc, cfg))
     if doc.get("kubernetes_manifest") and not args.json:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from grok_deploy import __version__
 from grok_deploy.errors import UserError, is_no_space, no_space, space_errors
-from grok_deploy.manifest import (check_replaceable, clean_stale, commit, fingerprint, folder_bytes, lock, new_tmp,
+from grok_deploy.manifest import (check_replaceable, clean_stale, commit, fingerprint, folder_bytes, new_tmp,
                                   read_manifest, replace_problem)
 from grok_deploy.pipeline.schema import PipelineConfig, load_pipeline
+from grok_deploy.safe_files import lock, open_generated, replace_file_problem
 from grok_deploy.pipeline.stages import STAGES, Stage, StageContext
 
 log = logging.getLogger("grok_deploy.pipeline.runner")
@@ -97,9 +98,9 @@ def schedule(cfg: PipelineConfig, only: list[str] | None = None, force: bool = F
 
 @contextmanager
 def stage_log(path: Path):
-    """Send every log record (and warning) emitted during a stage to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="w")
+    """Send every log record (and warning) emitted during a stage to `path` (a new file renamed
+    into place, only over a log we wrote: safe_files.open_generated)."""
+    handler = logging.StreamHandler(open_generated(path, "stage log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.handleError = _stop_when_full(handler, path)
     root = logging.getLogger()
@@ -114,6 +115,7 @@ def stage_log(path: Path):
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
+        handler.stream.close()
 
 
 def _stop_when_full(handler: logging.Handler, path: Path):
@@ -178,6 +180,30 @@ def _run_one(cfg: PipelineConfig, d: Decision, manifests: dict, dirs: dict, stac
     return doc
 
 
+def write_problem(cfg: PipelineConfig, decisions: list[Decision], running_only: bool = True) -> str | None:
+    """The first thing the scheduled stages would write over that is not theirs (a stage folder,
+    a stage log, verify's report copies in the reports folder), as a message; None when all is ours."""
+    for d in decisions:
+        if d.out is None or d.action == "n/a" or (running_only and d.action != "run"):
+            continue
+        problem = replace_problem(d.out, d.stage.name)
+        if problem:
+            return f"stage {d.stage.name}: {problem}"
+    for d in decisions:
+        if d.action != "run":
+            continue
+        files = [cfg.output("logs") / f"{d.stage.name}.log"]
+        if d.stage.name == "verify":
+            from grok_deploy.verify.compare import REPORT_FILES
+
+            files += [d.out.parent / name for name in REPORT_FILES]
+        for f in files:
+            problem = replace_file_problem(f, new_folder_ok=True)
+            if problem:
+                return f"stage {d.stage.name}: {problem}"
+    return None
+
+
 def lock_roots(cfg: PipelineConfig, table: list[Stage] | None = None) -> list[Path]:
     """The folders whose lock a run holds: the pipeline's folder, and the parent of every output
     folder outside it."""
@@ -213,10 +239,9 @@ def _run_locked(cfg, only, force, keep_serving, table, echo) -> tuple[int, list[
     for d in decisions:
         if d.out is not None:
             clean_stale(d.out)
-    for d in decisions:
-        problem = replace_problem(d.out, d.stage.name) if d.action == "run" and d.out is not None else None
-        if problem:
-            raise UserError(f"stage {d.stage.name}: {problem}")
+    problem = write_problem(cfg, decisions)
+    if problem:
+        raise UserError(problem)
     manifests = {d.stage.name: d.manifest for d in decisions if d.manifest}  # done: cached or not selected
     dirs = {d.stage.name: d.out for d in decisions if d.manifest}
     rows, code, services = [], 0, {}

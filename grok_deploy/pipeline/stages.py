@@ -64,9 +64,9 @@ def run_source(ctx: StageContext) -> dict:
 
     cfg, src = ctx.cfg, ctx.cfg.model.source
     if src.format == "synthetic":
-        from grok_deploy.checkpoint.tiny import make_tiny
+        from grok_deploy.checkpoint.tiny import write_tiny
 
-        make_tiny(ctx.out, cfg.model.preset, src.seed, progress=progress.enabled())
+        write_tiny(ctx.out, cfg.model.preset, src.seed, progress=progress.enabled())
         where, final = ctx.out, ctx.final
     else:
         where = final = cfg.resolve(src.path)

@@ -345,7 +345,9 @@ class TritonServer:
             cmd = with_frontend(cmd, str(found.path), self.repo, self.bind, self.ports, self.openai_port,
                                 note=lambda line: print(line, file=sys.stderr, flush=True))
             self.frontend = cmd is not plain
-        with open(self.log_path, "w") as log:
+        from grok_deploy.safe_files import open_generated  # a new file renamed in, never over a user's
+
+        with open_generated(self.log_path, "tritonserver log") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

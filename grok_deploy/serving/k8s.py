@@ -11,15 +11,63 @@ paths), requests its node's GPUs, and the leader is ready when its gRPC health c
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
+from pathlib import Path
 
+from grok_deploy.errors import UserError
 from grok_deploy.serving.deploy import mpirun_command
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 HOSTFILE = "/tmp/grok-deploy-hostfile"
 DEFAULT_IMAGE = "grok-deploy-triton:latest"  # FROM the Triton TensorRT-LLM image + grok-deploy + sshd
+
+# Kubernetes names: a Service name is an RFC 1035 label (<= 63; "-leader" is appended to `name`),
+# a PVC or Secret name an RFC 1123 subdomain (<= 253)
+_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# an image reference as the distribution spec's grammar: [domain[:port]/]path[:tag][@digest]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_IMAGE = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
+                    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+# folders a model volume may not be mounted over (the container's own system)
+_SYSTEM = ("/bin", "/boot", "/etc", "/home", "/lib", "/lib32", "/lib64", "/opt", "/root", "/sbin", "/srv", "/tmp",
+           "/usr", "/var")
+_NEVER_INSIDE = ("/dev", "/proc", "/sys", "/run")
+
+
+def check_names(name: str, image: str, volume_claim: str, ssh_secret: str) -> None:
+    """Refuse what kubectl would refuse, or what would change the manifest's meaning."""
+    if not (isinstance(name, str) and _LABEL.fullmatch(name) and len(name) <= 56):
+        raise UserError(f"k8s name {name!r}: use lower-case letters, digits and '-', starting with a letter, "
+                        "at most 56 characters (the Service is NAME-leader, a 63-character DNS label)")
+    for what, value in (("volume claim", volume_claim), ("ssh secret", ssh_secret)):
+        if not (isinstance(value, str) and _SUBDOMAIN.fullmatch(value) and len(value) <= 253):
+            raise UserError(f"k8s {what} {value!r}: use lower-case letters, digits, '-' and '.' (a DNS subdomain)")
+    if not (isinstance(image, str) and len(image) <= 512 and _IMAGE.fullmatch(image)):
+        raise UserError(f"--image {image!r}: not a container image reference; give [REGISTRY[:PORT]/]NAME[:TAG]"
+                        "[@sha256:DIGEST], e.g. nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3")
+
+
+def check_mount(cfg, path: str) -> None:
+    """The model volume's mount path: absolute, normal, printable, and not over the container's system."""
+    where = f"{cfg.where('outputs.engines')} and {cfg.where('outputs.triton_repo')}"
+    bad = None
+    if not path.startswith("/") or os.path.normpath(path) != path or "//" in path:
+        bad = "is not a normal absolute path"
+    elif any(not c.isprintable() for c in path) or ":" in path:
+        bad = "holds a control character or ':'"
+    elif path == "/" or path in _SYSTEM:
+        bad = "would hide the container's own system folder"
+    elif any(path == d or path.startswith(d + "/") for d in _NEVER_INSIDE):
+        bad = "lies in a kernel or runtime file system of the container"
+    if bad:
+        raise UserError(f"--k8s: the model volume's mountPath {path!r} (the folder holding {where}) {bad}; "
+                        "put the engines and triton_repo outputs under a folder of their own, e.g. /models")
 
 
 def model_mount(cfg) -> str:
@@ -78,6 +126,8 @@ def _pod(cfg, image: str, role: str, command: list[str], volume_claim: str, ssh_
 def manifests(cfg, image: str = DEFAULT_IMAGE, name: str = "grok-1", volume_claim: str = "grok-deploy-models",
               ssh_secret: str = "grok-deploy-ssh") -> list[dict]:
     """[LeaderWorkerSet, Service] for the pipeline's tp x pp over hardware.nodes nodes."""
+    check_names(name, image, volume_claim, ssh_secret)
+    check_mount(cfg, model_mount(cfg))
     s = cfg.server
     lws = {
         "apiVersion": LWS_API, "kind": "LeaderWorkerSet",
@@ -105,13 +155,26 @@ def manifests(cfg, image: str = DEFAULT_IMAGE, name: str = "grok-1", volume_clai
     return [lws, service]
 
 
-def write_manifests(cfg, path, **kwargs) -> list[dict]:
-    """The manifests as one multi-document YAML file at `path`."""
+def render(cfg, **kwargs) -> tuple[str, list[dict]]:
+    """The manifests as one multi-document YAML text (yaml.safe_dump: every string quoted as YAML
+    needs), under a one-line comment whose file name is JSON-escaped (no line break gets in)."""
     import yaml
 
     docs = manifests(cfg, **kwargs)
-    with open(path, "w") as f:
-        f.write(f"# grok-deploy: {cfg.file.name}, tp {cfg.parallel.tp} x pp {cfg.parallel.pp} over "
-                f"{cfg.hardware.nodes} nodes (kubectl apply -f; needs the LeaderWorkerSet controller)\n")
-        yaml.safe_dump_all(docs, f, sort_keys=False)
+    head = (f"# grok-deploy plan --k8s: {json.dumps(cfg.file.name)}, tp {cfg.parallel.tp} x pp {cfg.parallel.pp} "
+            f"over {cfg.hardware.nodes} nodes (kubectl apply -f; needs the LeaderWorkerSet controller)\n")
+    return head + yaml.safe_dump_all(docs, sort_keys=False), docs
+
+
+def write_manifests(cfg, path, **kwargs) -> list[dict]:
+    """The manifests as one multi-document YAML file at `path`: written to a temp name and renamed,
+    never over the pipeline file or any file grok-deploy did not write (safe_files)."""
+    from grok_deploy.safe_files import write_generated
+
+    path = Path(path)
+    if os.path.lexists(path) and os.path.realpath(path) == os.path.realpath(cfg.file):
+        raise UserError(f"--k8s {path}: that is the pipeline file; nothing was written; give the manifest its "
+                        "own file name, e.g. grok-1-k8s.yaml")
+    text, docs = render(cfg, **kwargs)
+    write_generated(path, text)
     return docs

@@ -245,6 +245,7 @@ def preprocess(src, out) -> dict:
     from grok_deploy.manifest import atomic_dir, write_json_atomic
 
     src, out = Path(src), Path(out)
+    check_replaceable(out, "preprocess")  # a folder we may not replace is refused before any work
     config, manifest = _read_checkpoint(src)
     if not config["quantization"].get("quant_algo"):
         raise UserError(f"{src}: quantization none has no int8 weights to preprocess; run trtllm-build "
@@ -262,8 +263,9 @@ def preprocess(src, out) -> dict:
     check_space(out, sum(f["bytes"] for f in manifest.get("files", {}).values()),
                 "the preprocessed copy of the checkpoint")
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        shutil.rmtree(tmp)
+    with atomic_dir(out, "preprocess") as tmp:
+        os.unlink(tmp / MARK)  # preprocess_checkpoint makes the folder (commit marks it again)
+        tmp.rmdir()
         count, shas = preprocess_checkpoint(src, tmp, config)
         doc = {**manifest, "produced_by": "grok-deploy preprocess", "preprocessed": True,
                "preprocessed_from": str(src.resolve()), "tensors": count, "tensorrt_llm_version": version,
@@ -307,9 +309,13 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
         raise UserError(f"the trtllm backend needs a GPU host with TensorRT-LLM ({why}); there this stage "
                         f"{pre}runs: {shlex.join(cmd)}")
     t0 = time.perf_counter()
-    clean_stale(out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    clean_stale(out)  # an earlier build's work folder whose process is gone (its mark says so)
+    try:
+        work.mkdir(parents=True)
+    except FileExistsError:
+        raise UserError(f"{work}: exists and is not a work folder of an exited grok-deploy build; move it "
+                        "away yourself") from None
+    mark(work, "build", out)
     try:
         if needs_preprocessing:
             preprocess_checkpoint(ckpt_dir, build_ckpt, config)
@@ -321,9 +327,8 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
             raise UserError(f"trtllm-build failed with exit {rc}; last lines of {log}: {tail}")
         engine = work / "engine"
         shutil.move(str(log), engine / "build.log")
-        mark(engine, "build")
         manifest = _manifest(cmd, opts, ckpt_dir, needs_preprocessing, config, version, t0, engine)
-        commit(engine, out, manifest)  # replaces only an earlier build (or nothing); manifest last
+        commit(engine, out, manifest, kind="build")  # replaces only an earlier build (or nothing); manifest last
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -399,7 +399,7 @@ def _manifest(src, ckpt, m: Mapping, quant, dtype, requant, workers, t0, config_
 
 
 def cli_convert(args) -> int:
-    from grok_deploy.manifest import lock
+    from grok_deploy.safe_files import lock
 
     if args.quant == "w8a16" and args.dtype == "float32":  # refused before anything is written
         from grok_deploy.trtllm.compat import W8A16_FLOAT32

@@ -10,10 +10,10 @@ generate first and scores its tokens with the streamed reference (verify/score.p
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
+from grok_deploy.safe_files import copy_generated
 from grok_deploy.verify.report import PromptResult, Tolerances, first_divergence, judge, judge_scored, write_reports
 
 REPORT_FILES = ("verify.json", "verify.md", "verify.png")
@@ -164,10 +164,8 @@ def verify(cfg, url: str, reference_dir, out, echo=print, source=None, mode: str
         meta["scoring"] = {k: v for k, v in stats.items() if k != "layer_bytes"}
     out = Path(out)
     doc = write_reports(out, results, meta)
-    for name in REPORT_FILES:  # the documented place: export/reports/verify.*
-        target = out.parent / name
-        shutil.copyfile(out / name, target.with_suffix(target.suffix + ".tmp"))
-        target.with_suffix(target.suffix + ".tmp").replace(target)
+    for name in REPORT_FILES:  # the documented place: export/reports/verify.*, never over a user's file
+        copy_generated(out / name, out.parent / name)
     echo_summary(results, doc["passed"], rule, echo)
     return {"passed": doc["passed"], "prompts": len(results), "failed": [r.index for r in results if not r.passed],
             "mode": mode, "rule": rule, "report": str(out.parent / "verify.md")}

@@ -263,7 +263,13 @@ def test_commit_keeps_readme_merges_core_manifest_and_manifest_last(tmp_path):
     with pytest.raises(UserError, match="old.txt"):  # a folder we did not write is never replaced
         commit(tmp, out)
     assert (out / "old.txt").read_text() == "old" and tmp.is_dir()
-    mark(out, "package")  # now ours (the package stage's)
+    mark(out, "package")  # a mark that lists nothing does not make old.txt ours (issue 22)
+    with pytest.raises(UserError, match="first unknown entry 'old.txt'"):
+        commit(tmp, out)
+    (out / "old.txt").unlink()
+    with pytest.raises(UserError, match="first unknown entry '.grok-deploy'"):  # a mark alone neither
+        commit(tmp, out)
+    (out / ".grok-deploy").unlink()  # the user empties it: README.md alone counts as empty, and is kept
     (tmp / "model.txt").write_text("new")
     (tmp / "manifest.json").write_text(json.dumps({"preprocessed": False, "stage": "convert"}))  # the core's own
     commit(tmp, out, {"runner": {"name": "package", "fingerprint": "f", "complete": True}})

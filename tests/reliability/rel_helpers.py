@@ -10,6 +10,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 KILLER = HERE / "killer.py"
 VOLATILE = {"seconds", "created", "tokens_per_s", "workers"}  # timings in manifests, nothing else
+MARK_VOLATILE = {"pid", "start", "host", "boot", "folder", "path"}  # a mark's writer and place
 
 
 def cli(*args, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
@@ -40,7 +41,8 @@ def _strip(doc):
 
 
 def digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (manifests without their timings)."""
+    """sha256 of every file under `folder` (manifests without their timings, our marks without
+    their writer and place)."""
     out = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name == ".grok-deploy.lock":
@@ -48,6 +50,13 @@ def digest(folder: Path) -> dict[str, str]:
         data = p.read_bytes()
         if p.name == "manifest.json":
             data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
+        elif p.name == ".grok-deploy":  # our mark: without its writer; a forged one byte for byte
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and doc.get("mark") == 2:
+                data = json.dumps({k: v for k, v in doc.items() if k not in MARK_VOLATILE}, sort_keys=True).encode()
         out[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
     return out
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from grok_deploy.cli import main
-from grok_deploy.manifest import LOCK, clean_stale, lock
+from grok_deploy.manifest import clean_stale
+from grok_deploy.safe_files import LOCK, lock
 from rel_helpers import cli, digest, killed_at, leftovers, one_error_line, trusted_or_absent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,17 +98,32 @@ def test_sigterm_and_sigint_abort_convert_cleanly(tiny_ckpt, tmp_path, sig, code
 
 
 def test_stale_tmp_of_a_dead_writer_goes_a_live_ones_stays(tmp_path):
+    """Only tmp/old folders whose mark (ours) names them, this output and an exited owner go
+    (issue 22: the sweep goes by mark, not by name)."""
+    import json
+
+    from grok_deploy.manifest import MARK, new_tmp
+
     out = tmp_path / "trt"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone = tmp_path / f"trt.tmp-{int(dead.stdout)}-abcd"  # its writer has exited
-    live = tmp_path / f"trt.tmp-{os.getppid()}-efgh"       # pytest's parent is alive
-    old = tmp_path / "trt.tmp-q1w2e3r4"                   # an older release's name, no pid: stale
-    other = tmp_path / "trtx.tmp-1-zz"                     # another output's: not ours to touch
-    for p in (gone, live, old, other):
-        p.mkdir()
+    made = subprocess.run([sys.executable, "-c", f"from grok_deploy.manifest import new_tmp\n"
+                           f"print(new_tmp(__import__('pathlib').Path({str(out)!r}), 'convert'))"],
+                          capture_output=True, text=True, check=True)
+    gone = Path(made.stdout.strip())                      # its writer has exited
+    live = new_tmp(out, "convert")                        # ours, in progress
+    reused = new_tmp(out, "convert")                      # its pid now names another process
+    doc = json.loads((reused / MARK).read_text())
+    (reused / MARK).write_text(json.dumps({**doc, "pid": os.getppid(), "start": 1}))
+    dead_pid = gone.name.split("-")[1]
+    users = [tmp_path / n for n in ("trt.tmp-q1w2e3r4", f"trt.tmp-{dead_pid}-abcd", "trt.old-backup", "trt.old-v1",
+                                    "trt.tmp-keep")]      # a user's, or an older release's: no mark of ours
+    copied = tmp_path / "trt.old-copy"                    # a copy of a dead tmp: its mark names another folder
+    other = tmp_path / "trtx.tmp-1-zz"                    # another output's: not ours to touch
+    for p in (gone, live, reused, *users, copied, other):
+        p.mkdir(exist_ok=True)
         (p / "rank0.safetensors").write_bytes(b"x")
-    assert sorted(clean_stale(out)) == sorted([gone, old])
-    assert live.is_dir() and other.is_dir() and not gone.exists() and not old.exists()
+    shutil.copy(gone / MARK, copied / MARK)
+    assert sorted(clean_stale(out)) == sorted([gone, reused])
+    assert all(p.is_dir() for p in (live, *users, copied, other)) and not gone.exists() and not reused.exists()
 
 
 @pytest.mark.timeout(120)
@@ -135,7 +151,7 @@ def test_second_run_in_a_folder_names_the_first_ones_pid(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_lock_is_released_by_a_killed_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"from grok_deploy.manifest import lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", f"from grok_deploy.safe_files import lock\n"
                                f"import time\nwith lock({str(tmp_path)!r}, 'holder'):\n print('held', flush=True)\n"
                                " time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
