@@ -18,7 +18,8 @@ from grok_deploy.model.generate import generate
 from grok_deploy.serving.client import query, tensor
 
 pytestmark = pytest.mark.timeout(240)  # a server is started: never hang the suite
-VERIFY_PROMPTS = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipeline.yaml").read_text())["verify"]["prompts"]
+PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.yaml"
+VERIFY_PROMPTS = yaml.safe_load(PIPELINE.read_text())["verify"]["prompts"]
 SPECIAL_PROMPTS = ["[EOS]", "Hello [EOS] world, [PAD][PAD]and more", "[BOS]The answer is[UNK] 42 [EOS"]
 LE = ["10", "50", "100", "500", "1000", "+Inf"]  # the backend's buckets, as its CI lists them
 
@@ -99,10 +100,10 @@ def bucket_values(text: str) -> tuple[list[int], list[int]]:
     inputs, outputs = [], []
     for le in LE:
         le = r"\+Inf" if le == "+Inf" else le
-        i = re.search(rf'nv_llm_input_token_len_bucket{{model="tensorrt_llm",response_metric_type="total_input_tokens",'
-                      rf'version="1",le="{le}"}}\s+(\d+)', text)
-        o = re.search(rf'nv_llm_output_token_len_bucket{{model="tensorrt_llm",response_metric_type="total_output_tokens",'
-                      rf'version="1",le="{le}"}}\s+(\d+)', text)
+        i = re.search(rf'nv_llm_input_token_len_bucket{{model="tensorrt_llm",'
+                      rf'response_metric_type="total_input_tokens",version="1",le="{le}"}}\s+(\d+)', text)
+        o = re.search(rf'nv_llm_output_token_len_bucket{{model="tensorrt_llm",'
+                      rf'response_metric_type="total_output_tokens",version="1",le="{le}"}}\s+(\d+)', text)
         if i:
             inputs.append(int(i.group(1)))
         if o:
