@@ -87,10 +87,11 @@ def gauge(text: str, family: str, label: str, value: str) -> float:
 
 
 def idle_text(server, timeout: float = 10.0) -> str:
-    """The metrics once the batcher has published its last turn (see test_contract.scrape_idle)."""
+    """The metrics once the batcher has published its last turn, nothing active or waiting (see
+    test_contract.scrape_idle)."""
     deadline = time.monotonic() + timeout
-    while gauge(text := metrics_text(server), "nv_trt_llm_request_metrics", "request_type", "active") \
-            and time.monotonic() < deadline:
+    while any(gauge(text := metrics_text(server), "nv_trt_llm_request_metrics", "request_type", kind)
+              for kind in ("active", "waiting")) and time.monotonic() < deadline:
         time.sleep(0.05)
     return text
 
