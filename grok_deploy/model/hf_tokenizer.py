@@ -4,8 +4,9 @@ token ids (tested against SentencePiece on the verification prompts and a unicod
 The backend's preprocessing and genai-perf call `AutoTokenizer.from_pretrained(folder)`; a raw
 SentencePiece file is not such a folder. `write_hf_tokenizer` writes `tokenizer.json` (built with
 the `tokenizers` library alone) plus `tokenizer_config.json` / `special_tokens_map.json`, with NO
-BOS or EOS added (Grok's runner adds none). The pipeline mirrors SentencePiece BPE as the model
-file configures it:
+BOS or EOS added (Grok's runner adds none). The text of a control piece (`[EOS]`...) is that token,
+in AutoTokenizer and here alike (the rule of docs/serving.md). The pipeline mirrors SentencePiece
+BPE as the model file configures it:
 - normaliser: identity (a precompiled charsmap is applied when the model has one), optional
   removal of extra spaces, spaces escaped as U+2581;
 - the dummy prefix (`add_dummy_prefix`) prepended after that; then user-defined pieces isolated
@@ -149,15 +150,16 @@ def write_hf_tokenizer(model_file, out) -> Path:
         raise UserError(f"{model_file}: not a SentencePiece model ({e}); pass the checkpoint's tokenizer.model") from None
     tok = build_tokenizer(m)
     control = [p for p, _, t in m.pieces if t in (CONTROL, UNKNOWN)]
-    # special, so that decoding can skip them; split_special_tokens (transformers) and
-    # encode_special_tokens (tokenizers) keep "[EOS]" in a prompt plain text, as in SentencePiece
+    # special, so that decoding can skip them; matched in text (split_special_tokens false), so that
+    # the backend's tools' `encode(eos_token, add_special_tokens=False)[0]` is 2 and the pad idiom 0:
+    # the rule for special-token text (docs/serving.md) that the reference and preprocessing follow
     tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in control])
     named = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
     named = {k: v for k, v in named.items() if v in control}
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-              "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
+              "split_special_tokens": False, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
               "legacy": False, "padding_side": "left", **named}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(json.dumps(named, indent=1))

@@ -1,6 +1,9 @@
 """SentencePiece tokenizer: Grok's raw `tokenizer.model`, and the tiny one that make-tiny trains.
 
 Grok's runner calls `encode(prompt)`, which adds no BOS and no EOS; so does this wrapper.
+Special-token text (docs/serving.md): the text of a control token (`[PAD]`, `[BOS]`, `[EOS]`,
+`[UNK]`) in a prompt IS that token, as AutoTokenizer treats it on the packaged Hugging Face folder
+and as the preprocessing model serves it; the text around it is encoded as usual, piece by piece.
 """
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import errno
 import io
 import os
 import random
+import re
 import stat
 import sys
 from pathlib import Path
@@ -31,15 +35,34 @@ class Tokenizer:
         except Exception as e:  # sentencepiece raises RuntimeError/OSError variants
             raise UserError(f"{source}: not a SentencePiece model ({e}); pass the checkpoint's tokenizer.model") from None
         self.vocab_size = self.sp.GetPieceSize()
+        self.special = special_pieces(self.sp)
+        # longest first, as a trie's leftmost-longest match: a capturing split keeps the matches
+        self._split = re.compile("(" + "|".join(re.escape(p) for p in sorted(self.special, key=len, reverse=True))
+                                 + ")") if self.special else None
 
     def encode(self, text: str) -> list[int]:
-        return list(self.sp.EncodeAsIds(text))
+        """Ids of `text` without BOS/EOS; special-token text is the token (the module docstring)."""
+        if self._split is None:
+            return list(self.sp.EncodeAsIds(text))
+        ids: list[int] = []
+        for k, part in enumerate(self._split.split(text)):  # text, special, text, ...
+            if k % 2:
+                ids.append(self.special[part])
+            elif part:
+                ids += self.sp.EncodeAsIds(part)
+        return ids
 
     def decode(self, ids) -> str:
         return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
+
+
+def special_pieces(sp) -> dict[str, int]:
+    """{piece: id} of the control and unknown pieces ([PAD], [BOS], [EOS], [UNK]): the special tokens
+    of the Hugging Face folder (hf_tokenizer.py), which SentencePiece never makes from text."""
+    return {sp.IdToPiece(i): i for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i)}
 
 
 def load_tokenizer(path) -> Tokenizer:

@@ -1,6 +1,7 @@
-"""The Hugging Face tokenizer folder built from the SentencePiece model: identical ids and text on
-the verification prompts and a unicode corpus, with the tiny model and a Grok-like one (Grok's
-user-defined pieces: newline/tab/space runs, digits, control markers; no extra-space removal)."""
+"""The Hugging Face tokenizer folder built from the SentencePiece model: the reference's ids (the
+rule for special-token text included) and text on the verification prompts and a unicode corpus,
+with the tiny model and a Grok-like one (Grok's user-defined pieces: newline/tab/space runs, digits,
+control markers; no extra-space removal); the backend tools' eos/pad idiom gives 2 / 0."""
 from __future__ import annotations
 
 import io
@@ -15,14 +16,16 @@ from grok_deploy.model.hf_tokenizer import BYTE, CONTROL, USER_DEFINED, read_spm
 
 PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.yaml"
 ALPHABET = (list("abcdefghijklmnopqrstuvwxyz ABC  \n\t.,;!?0123456789-—'\"") + list("éüïçñ中文日本語한국어Ελληνικάрусский🙂🚀∑√")
-            + ["<|mask|>", "[EOS]", "[BOS]", "<0x41>", "\u00a0", "\u200b", "\r\n", "   ", "\n\n\n", "\t\t"])
+            + ["<|mask|>", "[EOS]", "[BOS]", "[PAD]", "[UNK]", "[EOS", "<0x41>", "\u00a0", "\u200b", "\r\n", "   ",
+               "\n\n\n", "\t\t"])
 
 
 def corpus(n: int = 1500) -> list[str]:
     rng = random.Random(0)
     texts = list(yaml.safe_load(PIPELINE.read_text())["verify"]["prompts"])
     texts += ["", " ", "  leading and  double  spaces ", "a\n\n b", "12 345", " 7", "<|mask|>[EOS]", "x<|mask|>y",
-              "line\nbreak\n\n\ttab", "Naïve café 中文 and 🙂 ok"]
+              "line\nbreak\n\n\ttab", "Naïve café 中文 and 🙂 ok", "[EOS]", "Hello [EOS] world[PAD]x",
+              " [BOS]  [UNK]\n", "[[EOS]]", "[PAD][EOS]"]
     return texts + ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 60))) for _ in range(n)]
 
 
@@ -53,20 +56,34 @@ def test_hf_folder_gives_sentencepiece_ids_and_text(which, tiny_ckpt, groklike, 
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
+    from grok_deploy.model.tokenizer import load_tokenizer
+
     model = tiny_ckpt / "tokenizer.model" if which == "tiny" else groklike
     folder = write_hf_tokenizer(model, tmp_path / "hf")
     assert sorted(p.name for p in folder.iterdir()) == ["special_tokens_map.json", "tokenizer.json",
                                                         "tokenizer_config.json"]
     sp = spm.SentencePieceProcessor(model_file=str(model))
+    reference = load_tokenizer(model)  # SentencePiece + the rule: special-token text is the token
     auto = AutoTokenizer.from_pretrained(folder, legacy=False, padding_side="left", trust_remote_code=True)
     raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    raw.encode_special_tokens = True
     texts = corpus()
+    special = 0
     for text in texts:
-        want = sp.EncodeAsIds(text)
+        want = reference.encode(text)
         assert auto.encode(text) == want, text          # add_special_tokens defaults to true: still no BOS
         assert raw.encode(text, add_special_tokens=False).ids == want, text
-        assert auto.decode(want, skip_special_tokens=True) == sp.DecodeIds(want), text
+        shown = [i for i in want if i != 3]  # known difference: SentencePiece decodes [UNK] as " ⁇ "
+        assert auto.decode(shown, skip_special_tokens=True) == sp.DecodeIds(shown), text
+        if any(p in text for p in ("[PAD]", "[BOS]", "[EOS]", "[UNK]")):
+            special += 1
+        else:
+            assert want == sp.EncodeAsIds(text), text  # no special-token text: SentencePiece's ids
+    assert special > 50  # the random strings meet the rule often
+    assert reference.encode("Hello [EOS] world[PAD]x") == (sp.EncodeAsIds("Hello ") + [2] + sp.EncodeAsIds(" world")
+                                                          + [0] + sp.EncodeAsIds("x"))
+    # the backend's tools and its official preprocessing model: end and pad ids from the token texts
+    assert auto.encode(auto.eos_token, add_special_tokens=False)[0] == 2
+    assert auto.encode(auto.pad_token, add_special_tokens=False)[0] == 0
     assert (auto.eos_token_id, auto.pad_token_id, auto.bos_token_id, auto.unk_token_id) == (2, 0, 1, 3)
     assert len(auto) == sp.GetPieceSize()
     # control ids decode to nothing when skipped, to their piece otherwise; generated ids round-trip

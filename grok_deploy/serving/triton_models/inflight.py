@@ -39,6 +39,7 @@ class Seq:
         self.reason: str | None = None  # length | end_id | stop_words | cancelled | error
         self.generator = torch.Generator().manual_seed(params.seed % (1 << 63))
         self.cancel_flag = False
+        self.ended = False  # Scheduler.on_end has seen it
         # return_perf_metrics: ns since the epoch (0 = not yet)
         self.arrival_ns, self.scheduled_ns, self.first_token_ns, self.last_token_ns = time.time_ns(), 0, 0, 0
 
@@ -48,11 +49,13 @@ class Seq:
 
 class Scheduler:
     """Runs `engine` on a thread; `submit(seq)` from any thread. `on_step(batch_size)` per step;
-    `on_turn(stats)` after each turn of the loop, with `turn_stats` (the backend's iteration stats)."""
+    `on_turn(stats)` after each turn of the loop, with `turn_stats` (the backend's iteration stats);
+    `on_end(seq)` once per submitted sequence, as it ends (done, cancelled or failed), before its
+    final response goes out (the backend's per-request token histograms)."""
 
     def __init__(self, engine, on_step: Callable[[int], None] | None = None, log=None,
-                 on_turn: Callable[[dict], None] | None = None):
-        self.engine, self.on_step, self.log, self.on_turn = engine, on_step, log, on_turn
+                 on_turn: Callable[[dict], None] | None = None, on_end: Callable[[Seq], None] | None = None):
+        self.engine, self.on_step, self.log, self.on_turn, self.on_end = engine, on_step, log, on_turn, on_end
         self.iterations = 0
         self.cv = threading.Condition()
         self.pending: collections.deque[Seq] = collections.deque()
@@ -126,22 +129,27 @@ class Scheduler:
             self.checked = time.monotonic()
             for seq in [s for s in self.live if s.cancelled()]:
                 self._finish(seq, "cancelled")
+        admitted = {s.key for s in new}
+        generation = sum(s.key not in admitted for s in self.live)  # decoding since an earlier turn
         if self.live:
             self._step()
         self.iterations += 1
         if self.on_turn:
             try:
-                self.on_turn(self.turn_stats(new))
+                self.on_turn(self.turn_stats(new, generation))
             except Exception as e:  # noqa: BLE001 - statistics must not stop decoding
                 self._warn(f"on_turn: {e}")
 
-    def turn_stats(self, new: list[Seq]) -> dict:
+    def turn_stats(self, new: list[Seq], generation: int = 0) -> dict:
         """Counts of this turn: sequences waiting, admitted (context phase, and their prompt
-        tokens), decoding after the turn (active = scheduled: every live sequence is stepped),
-        the engine's slots (max), and iterations so far."""
+        tokens), in their generation phase (`generation`: stepped this turn, prefilled in an
+        earlier one), decoding after the turn (active = scheduled: every live sequence is stepped),
+        the engine's slots (max), and iterations so far. Nothing is ever paused: an admitted
+        sequence keeps its slot to its end."""
         live = len(self.live)
         return {"waiting": len(self.pending), "context": len(new),
-                "context_tokens": sum(len(s.params.prompt) for s in new), "scheduled": live, "active": live,
+                "context_tokens": sum(len(s.params.prompt) for s in new), "generation": generation,
+                "paused": 0, "scheduled": live, "active": live,
                 "max": self.engine.max_batch_size, "iterations": self.iterations}
 
     def _admit(self, seq: Seq) -> None:
@@ -223,6 +231,8 @@ class Scheduler:
 
     def _emit(self, seq: Seq, new: list[int], reason: str | None) -> None:
         seq.reason = reason
+        if reason is not None:
+            self._ended(seq)
         try:
             seq.sink.tokens(seq, new, reason is not None)
         except Exception as e:  # noqa: BLE001 - a client gone away must not stop the loop
@@ -233,10 +243,19 @@ class Scheduler:
     def _fail(self, seq: Seq, message: str, code: str) -> None:
         self._drop(seq)
         seq.reason = "error"
+        self._ended(seq)
         try:
             seq.sink.error(seq, message, code)
         except Exception as e:  # noqa: BLE001
             self._warn(f"sending an error to request {seq.request_id!r} failed: {e}")
+
+    def _ended(self, seq: Seq) -> None:
+        if self.on_end and not seq.ended:
+            seq.ended = True
+            try:
+                self.on_end(seq)
+            except Exception as e:  # noqa: BLE001 - statistics must not stop decoding
+                self._warn(f"on_end: {e}")
 
     def _warn(self, message: str) -> None:
         if self.log:

@@ -22,21 +22,17 @@ import triton_python_backend_utils as pb_utils
 
 class HFTokenizer:
     """A Hugging Face tokenizer folder (tokenizer.json, read with the `tokenizers` library) behind the
-    SentencePiece method names this model uses; control tokens ([EOS]...) never come out of text."""
+    SentencePiece method names this model uses (it only decodes)."""
 
     def __init__(self, folder: str):
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        self.tok.encode_special_tokens = True  # "[EOS]" in a prompt is text, as in SentencePiece
         path = os.path.join(folder, "tokenizer_config.json")
         config = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
         self.named = {k: self.tok.token_to_id(config[k]) for k in ("bos_token", "eos_token", "pad_token")
                       if isinstance(config.get(k), str) and self.tok.token_to_id(config[k]) is not None}
         self.special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-
-    def EncodeAsIds(self, text: str) -> list:  # noqa: N802 - SentencePiece's names
-        return self.tok.encode(text, add_special_tokens=False).ids
 
     def DecodeIds(self, ids) -> str:  # noqa: N802 - control tokens decode to nothing, as in SentencePiece
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -5,9 +5,13 @@ Self-contained (numpy + sentencepiece, or tokenizers): `tokenizer_dir` (relative
 folder, or absolute) holds `tokenizer.model`, or a Hugging Face folder (`tokenizer.json`, as the
 package stage writes beside it: grok_deploy/model/hf_tokenizer.py), which gives the same ids.
 Prompts are right-padded with pad_id; word lists become [2, N] (ids, end offsets, -1 padded).
+Special-token text (docs/serving.md): the text of a control token ([PAD], [BOS], [EOS], [UNK]) in a
+prompt or a word IS that token, as AutoTokenizer on the Hugging Face folder and the reference
+(grok_deploy/model/tokenizer.py) have it; the text around it is encoded as usual.
 """
 import json
 import os
+import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -31,13 +35,13 @@ def one_spelling(new, old, new_name: str, old_name: str):
 
 class HFTokenizer:
     """A Hugging Face tokenizer folder (tokenizer.json, read with the `tokenizers` library) behind the
-    SentencePiece method names this model uses; control tokens ([EOS]...) never come out of text."""
+    SentencePiece method names this model uses; special-token text is the token (its added tokens)."""
 
     def __init__(self, folder: str):
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        self.tok.encode_special_tokens = True  # "[EOS]" in a prompt is text, as in SentencePiece
+        self.tok.encode_special_tokens = False  # "[EOS]" in a prompt is id 2, as AutoTokenizer has it
         path = os.path.join(folder, "tokenizer_config.json")
         config = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
         self.named = {k: self.tok.token_to_id(config[k]) for k in ("bos_token", "eos_token", "pad_token")
@@ -69,13 +73,38 @@ class HFTokenizer:
         return self.named.get("pad_token", -1)
 
 
+class SpecialText:
+    """A SentencePieceProcessor whose EncodeAsIds makes the text of a control or unknown piece that
+    piece's id and encodes the text between as usual (the rule above); the rest is SentencePiece's."""
+
+    def __init__(self, sp):
+        self.sp = sp
+        self.special = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i)}
+        names = sorted(self.special, key=len, reverse=True)  # longest first, as a leftmost-longest trie
+        self.split = re.compile("(" + "|".join(re.escape(p) for p in names) + ")") if names else None
+
+    def EncodeAsIds(self, text: str) -> list:  # noqa: N802 - SentencePiece's names
+        if self.split is None:
+            return list(self.sp.EncodeAsIds(text))
+        ids = []
+        for k, part in enumerate(self.split.split(text)):  # text, special, text, ...
+            if k % 2:
+                ids.append(self.special[part])
+            elif part:
+                ids += self.sp.EncodeAsIds(part)
+        return ids
+
+    def __getattr__(self, name):
+        return getattr(self.sp, name)
+
+
 def load_tokenizer(folder: str):
     """SentencePiece `tokenizer.model` when the folder has one (the reference's own), else a Hugging
     Face `tokenizer.json` folder."""
     if os.path.isfile(os.path.join(folder, "tokenizer.model")):
         import sentencepiece as spm
 
-        return spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+        return SpecialText(spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model")))
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return HFTokenizer(folder)
     raise pb_utils.TritonModelException(f"{folder}: neither tokenizer.model (SentencePiece) nor tokenizer.json "

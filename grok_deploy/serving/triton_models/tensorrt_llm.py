@@ -6,7 +6,8 @@ thread and answers through each request's response sender: decoupled streaming s
 response per token, then FINAL; otherwise one response with the whole sequence. Every request
 gets exactly one FINAL, also after an error or a cancellation. Decode-step batch sizes are
 counted in the metric `grok_decode_steps_total{batch_size="N"}` (Triton's metrics port), beside
-the backend's nv_trt_llm_* gauges (GAUGES) that this engine can fill honestly.
+the backend's nv_trt_llm_* gauges (GAUGES) that this engine can fill honestly and its per-request
+token histograms (HISTOGRAMS).
 """
 import json
 import threading
@@ -23,11 +24,16 @@ STATS_PERIOD_S = 0.1
 # (family, label, label values, help): the TensorRT-LLM backend's names and labels
 GAUGES = (("nv_trt_llm_request_metrics", "request_type", ("waiting", "context", "scheduled", "max", "active"),
            "TRT LLM request metrics"),
-          ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", ("fraction", "tokens_per", "used", "free", "max"),
-           "TRT LLM KV cache block metrics"),
+          ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type",
+           ("fraction", "tokens_per", "used", "free", "max", "reused"), "TRT LLM KV cache block metrics"),
           ("nv_trt_llm_inflight_batcher_metrics", "inflight_batcher_specific_metric",
-           ("micro_batch_id", "generation_requests", "total_context_tokens"), "TRT LLM inflight_batcher-specific metrics"),
+           ("micro_batch_id", "generation_requests", "total_context_tokens", "paused_requests"),
+           "TRT LLM inflight_batcher-specific metrics"),
           ("nv_trt_llm_general_metrics", "general_type", ("iteration_counter", "timestamp"), "General TRT LLM metrics"))
+# (family, response_metric_type): the backend's per-request token histograms, observed as each
+# request ends (input tokens, output tokens generated), with its buckets
+HISTOGRAMS = (("nv_llm_input_token_len", "total_input_tokens"), ("nv_llm_output_token_len", "total_output_tokens"))
+TOKEN_BUCKETS = [10.0, 50.0, 100.0, 500.0, 1000.0]
 
 
 def error_response(message: str, code: str = "INTERNAL"):
@@ -136,8 +142,10 @@ class TritonPythonModel:
         self.families = [family]  # they must outlive their metrics (cleared in finalize)
         self.published, self.published_at = {}, 0.0  # gauge values last sent (see _publish)
         self.gauges = self._backend_gauges(args["model_name"], args["model_version"])
+        self.histograms = self._token_histograms(args["model_name"], args["model_version"])
         self.scheduler = Scheduler(self.engine, on_step=lambda n: self.metrics[n].increment(1),
-                                   log=pb_utils.Logger.log_warn, on_turn=self._publish).start()
+                                   log=pb_utils.Logger.log_warn, on_turn=self._publish,
+                                   on_end=self._observe_tokens).start()
         pb_utils.Logger.log_info(f"tensorrt_llm: {params['engine_kind']} engine from {params['engine_dir']}, "
                                  f"max_batch_size {self.engine.max_batch_size}, max_seq_len {self.engine.max_seq_len}")
 
@@ -186,9 +194,27 @@ class TritonPythonModel:
         out["nv_trt_llm_kv_cache_block_metrics", "tokens_per"].set(self.engine.max_seq_len)
         out["nv_trt_llm_kv_cache_block_metrics", "max"].set(self.engine.max_batch_size)
         out["nv_trt_llm_request_metrics", "max"].set(self.engine.max_batch_size)
-        self._publish({"waiting": 0, "context": 0, "context_tokens": 0, "scheduled": 0, "active": 0,
-                       "max": self.engine.max_batch_size, "iterations": 0}, out)
+        out["nv_trt_llm_kv_cache_block_metrics", "reused"].set(0)  # a slot is never shared between requests
+        self._publish({"waiting": 0, "context": 0, "context_tokens": 0, "generation": 0, "paused": 0,
+                       "scheduled": 0, "active": 0, "max": self.engine.max_batch_size, "iterations": 0}, out)
         return out
+
+    def _token_histograms(self, model: str, version: str) -> dict:
+        """The backend's nv_llm_input_token_len / nv_llm_output_token_len: {family: Metric}."""
+        out = {}
+        for name, kind in HISTOGRAMS:
+            fam = pb_utils.MetricFamily(name=name, kind=pb_utils.MetricFamily.HISTOGRAM,
+                                        description="TRT LLM response metrics")
+            self.families.append(fam)
+            out[name] = fam.Metric(labels={"model": model, "version": version, "response_metric_type": kind},
+                                   buckets=TOKEN_BUCKETS)
+        return out
+
+    def _observe_tokens(self, seq: Seq) -> None:
+        """One ended sequence (a batch row, as the backend's executor requests): its prompt tokens
+        and the tokens it generated (the prompt is not counted when returned in the output)."""
+        self.histograms["nv_llm_input_token_len"].observe(len(seq.params.prompt))
+        self.histograms["nv_llm_output_token_len"].observe(len(seq.out))
 
     def _publish(self, st: dict, gauges: dict | None = None) -> None:
         """One turn of the in-flight batcher (inflight.Scheduler.turn_stats) onto the gauges. Each
@@ -197,6 +223,7 @@ class TritonPythonModel:
         g = gauges if gauges is not None else self.gauges
         req, kv, ib = "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics", "nv_trt_llm_inflight_batcher_metrics"
         counts = {(req, k): st[k] for k in ("waiting", "context", "scheduled", "active")}
+        counts[ib, "generation_requests"] = st["generation"]
         now = time.monotonic()
         if gauges is None and all(self.published.get(k) == v for k, v in counts.items()) \
                 and now - self.published_at < STATS_PERIOD_S:
@@ -204,7 +231,7 @@ class TritonPythonModel:
         self.published_at = now
         values = {**counts, (kv, "used"): st["active"], (kv, "free"): st["max"] - st["active"],
                   (kv, "fraction"): st["active"] / st["max"], (ib, "micro_batch_id"): 0,
-                  (ib, "generation_requests"): st["active"], (ib, "total_context_tokens"): st["context_tokens"],
+                  (ib, "total_context_tokens"): st["context_tokens"], (ib, "paused_requests"): st["paused"],
                   ("nv_trt_llm_general_metrics", "iteration_counter"): st["iterations"],
                   ("nv_trt_llm_general_metrics", "timestamp"): int(time.time())}
         for key, v in values.items():
@@ -216,3 +243,4 @@ class TritonPythonModel:
         self.scheduler.close()
         self.metrics.clear()  # metrics before their families
         self.gauges.clear()
+        self.histograms.clear()
