@@ -5,12 +5,32 @@ Self-contained (numpy + sentencepiece, or tokenizers): `tokenizer_dir` (relative
 folder, or absolute) holds `tokenizer.model`, or a Hugging Face folder (`tokenizer.json`, as the
 package stage writes beside it: grok_deploy/model/hf_tokenizer.py), which gives the same ids.
 Prompts are right-padded with pad_id; word lists become [2, N] (ids, end offsets, -1 padded).
+Sizes are bounded before anything is tokenized (INVALID_ARG naming the input): a prompt's bytes,
+and the count and bytes of the stop / bad / embedding-bias word lists (tensorrt_llm checks its
+word lists at every decode step of the shared batch: params.MAX_WORDS, MAX_WORD_TOKENS).
 """
 import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+MAX_PROMPT_BYTES = 1 << 20  # per text_input row: far above max_input_len tokens of text
+MAX_WORDS = 1024            # per bad_words / stop_words / embedding_bias_words row (= params.MAX_WORDS)
+MAX_WORD_BYTES = 1 << 16    # all the words of one such row
+
+
+def check_size(a, name: str, batch: int, max_count: int | None, max_bytes: int) -> None:
+    """ValueError (INVALID_ARG) when a row of the BYTES input `name` has more than `max_count`
+    entries or `max_bytes` bytes in all."""
+    if a is None:
+        return
+    for row in np.asarray(a).reshape(batch, -1):
+        if max_count is not None and row.size > max_count:
+            raise ValueError(f"{name}: {row.size} words; at most {max_count} per request row")
+        size = sum(len(x) if isinstance(x, (bytes, str)) else 0 for x in row)
+        if size > max_bytes:
+            raise ValueError(f"{name}: {size} bytes; at most {max_bytes} per request row")
 
 
 def truthy(value: str) -> bool:
@@ -105,6 +125,11 @@ class TritonPythonModel:
 
         queries = get("QUERY")
         batch = queries.shape[0]
+        check_size(queries, "text_input", batch, None, MAX_PROMPT_BYTES)
+        check_size(get("DECODER_QUERY"), "decoder_text_input", batch, None, MAX_PROMPT_BYTES)
+        for tensor, name in (("BAD_WORDS_DICT", "bad_words"), ("STOP_WORDS_DICT", "stop_words"),
+                             ("EMBEDDING_BIAS_WORDS", "embedding_bias_words")):
+            check_size(get(tensor), name, batch, MAX_WORDS, MAX_WORD_BYTES)
         ids = [self.encode(t) for t in texts(queries)]
         if any(not x for x in ids):
             raise ValueError("text_input encodes to no tokens; send a non-empty prompt")
