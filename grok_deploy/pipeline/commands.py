@@ -26,14 +26,19 @@ def cli_serve(args) -> int:
     try:
         from grok_deploy.serving.deploy import TritonServer
 
+        from grok_deploy.serving.guard import KILL_GRACE_S
+
         with TritonServer(cfg) as server:
+            key = f"admin key in {server.admin_key_path}" if server.admin_key_path else "admin key: server.admin_key"
             metrics = (f"OpenAI http://{server.host}:{server.openai_port}/v1 (metrics at /metrics there)"
                        if server.frontend else f"metrics {server.metrics_url}")
             print(f"serving {server.repo} (pid {server.pid}) on {server.listening}: gRPC {server.grpc_url}, "
                   f"HTTP {server.http_url}, "
-                  f"{metrics}; log {server.log_path}; Ctrl-C to stop", flush=True)
-            code = server.wait()
-            raise UserError(f"tritonserver exited with code {code}; see {server.log_path}")
+                  f"{metrics}; log {server.log_path}; {key}; Ctrl-C to stop", flush=True)
+            problem = server.watch()  # returns when the server exited or a model's stub died
+            server.stop(timeout=KILL_GRACE_S)  # a broken server: its stuck streams end with an error now
+            raise UserError(f"{problem}; the server is stopped (see {server.log_path}); start it again with "
+                            f"`grok-deploy serve {args.pipeline}`")
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 0

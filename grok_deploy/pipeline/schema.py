@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from grok_deploy.manifest import overlaps
 from grok_deploy.model.config import DEFAULT_PRESET, PRESETS, GrokConfig
 from grok_deploy.pipeline.yaml_lines import line_of, read_yaml
 from grok_deploy.serving.deploy import address_problem
+from grok_deploy.serving.guard import ADMIN_KEY_RE
 from grok_deploy.trtllm import compat, gpus
 from grok_deploy.verify.report import Tolerances as _Tol
 
@@ -104,6 +106,7 @@ class Server(_Section):
     binary: str = "auto"             # or the path of a tritonserver executable
     startup_timeout_s: PosFloat = 300.0
     openai_port: Port | None = None  # Triton's OpenAI frontend (in the TensorRT-LLM container) on this port
+    admin_key: str | None = None     # the `admin-key` header of Triton's admin APIs; None: generated per start
 
 
 class Hardware(_Section):
@@ -372,6 +375,9 @@ def check(cfg: PipelineConfig) -> None:
     bad_address = address_problem(cfg.server.address)
     if bad_address:
         raise cfg.fail("server.address", bad_address)
+    if cfg.server.admin_key is not None and not re.fullmatch(ADMIN_KEY_RE, cfg.server.admin_key):
+        raise cfg.fail("server.admin_key", f"{len(cfg.server.admin_key)} characters; use 16 to 256 letters, digits "
+                       "and . _ ~ - (or leave it out: a key is generated per start)")
     ports = {"server.grpc_port": cfg.server.grpc_port, "server.http_port": cfg.server.http_port,
              "server.metrics_port": cfg.server.metrics_port}
     if len(set(ports.values())) < 3:

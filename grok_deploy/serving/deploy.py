@@ -10,6 +10,11 @@ The address is checked (no control characters, IPv4 only) and resolved before an
 (`localhost` -> 127.0.0.1); 0.0.0.0 is warned about. The python backend's /dev/shm regions carry
 the owner's pid (`grokdeploy<pid>_<port>_`): stop removes its own (a killed or crashed server
 leaves them), and each start removes those of owners that died before their stop could run.
+
+Locked down by default (guard.py): Triton's shared-memory, model-repository, logging and trace
+APIs need the header `admin-key: <key>`: `server.admin_key`, else a key generated per start and
+written 0600 to `<pipeline folder>/tritonserver-<grpc port>.admin-key` (removed by stop). A
+watchdog process stops the server's whole group if this process dies without stopping it.
 """
 from __future__ import annotations
 
@@ -27,8 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grok_deploy.errors import UserError
+from grok_deploy.serving.guard import (ADMIN_HEADER, GRPC_ADMIN_HEADER, dead, python_stubs, restricted_args, start_watchdog,
+                                       stop_watchdog, write_secret)
 
 EXIT_TIMEOUT_S = 10  # --exit-timeout-secs: in-flight requests get this long on SIGTERM
+UNLOAD_GRACE_S = 3  # then unloading the models (no request left in flight) gets this long
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "grokdeploy"  # python-backend regions: grokdeploy<owner pid>_<grpc port>_[r<rank>_]<uuid>
 BENIGN = ("CudaDriverHelper has not been initialized", "unable to create stream for ensemble")  # CPU hosts
@@ -183,11 +191,13 @@ def port_in_use(address: str, port: int) -> bool:
     return False
 
 
-def server_args(repo, address: str, grpc_port: int, http_port: int, metrics_port: int, shm_prefix: str) -> list[str]:
+def server_args(repo, address: str, grpc_port: int, http_port: int, metrics_port: int, shm_prefix: str,
+                admin_key: str | None = None) -> list[str]:
     return [f"--model-repository={repo}", f"--http-address={address}", f"--grpc-address={address}",
             f"--metrics-address={address}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
             f"--metrics-port={metrics_port}", "--disable-auto-complete-config",
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            *(restricted_args(admin_key) if admin_key else [])]
 
 
 # ranks > 0 on other nodes: no endpoints at all (only rank 0 serves; triton-serving.md §9)
@@ -197,7 +207,8 @@ REMOTE_FOLLOWER_FLAGS = ("--allow-http=false", "--allow-grpc=false", "--allow-me
 
 def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_port: int = 8001,
                    http_port: int = 8000, metrics_port: int = 8002, binary: str = "tritonserver",
-                   extra: tuple = (), shm_prefix: str = "prefix", hostfile=None) -> list[str]:
+                   extra: tuple = (), shm_prefix: str = "prefix", hostfile=None,
+                   admin_key: str | None = None) -> list[str]:
     """Leader mode (triton-serving.md §9): one mpirun app context per rank, the same ports on every
     rank; ranks > 0 load only tensorrt_llm and block in it, rank 0 serves. With an MPI `hostfile`
     (multi-node) the followers also open no HTTP/gRPC/metrics endpoint."""
@@ -206,7 +217,8 @@ def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_po
     contexts = []
     for rank in range(world_size):
         follower = (*FOLLOWER_FLAGS, *(REMOTE_FOLLOWER_FLAGS if hostfile else ())) if rank else ()
-        contexts.append([str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_"),
+        contexts.append([str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_",
+                                                   admin_key),
                          *follower, *extra])
     return mpirun_argv(contexts, hostfile)
 
@@ -231,7 +243,8 @@ class TritonServer:
 
     def __init__(self, cfg=None, repo=None, *, address: str | None = None, grpc_port: int | None = None,
                  http_port: int | None = None, metrics_port: int | None = None, binary: str | None = None,
-                 log_dir=None, startup_timeout_s: float | None = None, world_size: int | None = None):
+                 log_dir=None, startup_timeout_s: float | None = None, world_size: int | None = None,
+                 admin_key: str | None = None):
         s = cfg.server if cfg is not None else None
         self.repo = Path(repo if repo is not None else cfg.output("triton_repo")).resolve()
         self.address = address or (s.address if s else "127.0.0.1")
@@ -251,6 +264,13 @@ class TritonServer:
         self.log_path: Path | None = None
         self.bind: str | None = None        # the numeric address given to Triton (set by start)
         self.shm_prefix: str | None = None  # its python-backend /dev/shm regions, removed by stop
+        # the admin key: given (argument, server.admin_key) or generated by start into admin_key_path
+        self.admin_key: str | None = admin_key or (getattr(s, "admin_key", None) if s else None)
+        self.key_generated = self.admin_key is None
+        self.key_dir = cfg.root if cfg is not None else self.log_dir
+        self.admin_key_path: Path | None = None
+        self.watchdog: subprocess.Popen | None = None
+        self.stub_pids: dict[int, str] = {}  # python stubs seen when ready: pid -> model instance
 
     # --- addresses ---
     @property
@@ -286,6 +306,7 @@ class TritonServer:
         self.start()
         try:
             self.wait_ready()
+            self.stub_pids = python_stubs(self.proc.pid)
         except BaseException:
             self.stop()
             raise
@@ -307,8 +328,8 @@ class TritonServer:
             extra = (f"--backend-directory={found.backend_dir}",) if found.backend_dir else ()
             return mpirun_command(self.repo, self.world_size, address=address, grpc_port=g, http_port=h,
                                   metrics_port=m, binary=str(found.path), extra=extra, shm_prefix=f"{self.shm_prefix}r",
-                                  hostfile=self.hostfile)
-        cmd = [str(found.path), *server_args(self.repo, address, g, h, m, self.shm_prefix),
+                                  hostfile=self.hostfile, admin_key=self.admin_key)
+        cmd = [str(found.path), *server_args(self.repo, address, g, h, m, self.shm_prefix, self.admin_key),
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         return cmd + ([f"--backend-directory={found.backend_dir}"] if found.backend_dir else [])
 
@@ -334,6 +355,10 @@ class TritonServer:
         found = find_tritonserver(self.binary)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"tritonserver-{self.ports['grpc']}.log"
+        if self.key_generated:
+            import secrets
+
+            self.admin_key = secrets.token_urlsafe(24)
         cmd = self.command(found)
         if self.openai_port is not None:
             from grok_deploy.serving.openai_frontend import with_frontend
@@ -345,15 +370,38 @@ class TritonServer:
             cmd = with_frontend(cmd, str(found.path), self.repo, self.bind, self.ports, self.openai_port,
                                 note=lambda line: print(line, file=sys.stderr, flush=True))
             self.frontend = cmd is not plain
+        if self.key_generated:
+            path = self.key_dir / f"tritonserver-{self.ports['grpc']}.admin-key"
+            try:
+                write_secret(path, self.admin_key)
+            except OSError as e:
+                raise UserError(f"{path}: cannot write the server's admin key ({e.strerror}); "
+                                f"set server.admin_key or make the folder writable") from None
+            self.admin_key_path = path
         from grok_deploy.safe_files import open_generated  # a new file renamed in, never over a user's
 
-        with open_generated(self.log_path, "tritonserver log") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **found.env},
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            with open_generated(self.log_path, "tritonserver log") as log:
+                log.write("$ " + " ".join(cmd).replace(self.admin_key, "<admin key>") + "\n")
+                log.flush()
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **found.env},
+                                             start_new_session=True, preexec_fn=_die_with_parent)
+        except BaseException:
+            self._forget_key()
+            raise
         atexit.register(self.stop)
+        self.watchdog = start_watchdog(self.proc.pid, self.shm_prefix, self.admin_key_path)
+
+    @property
+    def admin_headers(self) -> dict:
+        """The HTTP header that opens the restricted APIs (`headers=` of tritonclient.http)."""
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict:
+        """The same for gRPC (`headers=` of tritonclient.grpc): Triton prefixes the metadata key."""
+        return {GRPC_ADMIN_HEADER: self.admin_key}
 
     def log_tail(self, lines: int = 12) -> str:
         """The error lines of the log, then its last `lines` lines (without the option tables)."""
@@ -404,18 +452,49 @@ class TritonServer:
         """Block until the server exits; its exit code."""
         return self.proc.wait() if self.proc else 0
 
+    def problem(self) -> str | None:
+        """Why the server cannot serve any more, or None: it exited, or a python stub it started
+        (one per model instance, seen when it became ready) died: Triton keeps reporting ready
+        while every request to that model fails and its in-flight streams hang."""
+        code = self.proc.poll() if self.proc else 0
+        if code is not None:
+            return f"tritonserver exited with code {code}"
+        gone = dead(self.stub_pids)
+        if gone:
+            return "the python stub of model instance " + ", ".join(f"{n} (pid {p})" for p, n in gone) + " died"
+        return None
+
+    def watch(self, period_s: float = 0.5) -> str:
+        """Block until problem() has something to say; return it."""
+        while True:
+            problem = self.problem()
+            if problem:
+                return problem
+            time.sleep(period_s)
+
     def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL the whole process group (stubs included)."""
+        """SIGTERM, wait up to `timeout`, then SIGKILL the whole process group (stubs included).
+        In-flight requests get Triton's exit timeout; once Triton says none is left and unloads
+        the models, the unload gets UNLOAD_GRACE_S: a request Triton itself rejected (wrong
+        dtype, batch too big) leaves a model reference behind in 2.51, and that model would stay
+        UNLOADING until the full exit timeout."""
         atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is None:
+            self._forget_key()
             return
         if proc.poll() is None:
+            start = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+            deadline, unloading = time.monotonic() + timeout, None
+            while time.monotonic() < deadline and (unloading is None or time.monotonic() < unloading):
+                try:
+                    proc.wait(0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if unloading is None and self._log_since(start, "All models are stopped, unloading models"):
+                    unloading = time.monotonic() + UNLOAD_GRACE_S
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): stubs, mpirun ranks
         except (ProcessLookupError, PermissionError):
@@ -423,3 +502,21 @@ class TritonServer:
         proc.wait()
         if self.shm_prefix:  # after a kill or a crash the python backend leaves its regions behind
             remove_shm(self.shm_prefix)
+        stop_watchdog(self.watchdog)
+        self.watchdog = None
+        self._forget_key()
+
+    def _log_since(self, offset: int, text: str) -> bool:
+        """Whether `text` is in the server log after byte `offset`."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return text.encode() in f.read()
+        except (OSError, TypeError):
+            return False
+
+    def _forget_key(self) -> None:
+        """Remove the generated key's file (the key dies with the server)."""
+        if self.key_generated and self.admin_key_path is not None:
+            self.admin_key_path.unlink(missing_ok=True)
+            self.admin_key_path = None

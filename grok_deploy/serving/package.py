@@ -112,11 +112,20 @@ def model_values(cfg, engine_kind: str, engine_dir: Path) -> dict[str, dict]:
         "tensorrt_llm_io": {"logits_datatype": "TYPE_FP32", "encoder_input_features_data_type": "TYPE_FP16"},
         "postprocessing": {**batch, "tokenizer_dir": TOKENIZER_DIR, "skip_special_tokens": "true",
                            "postprocessing_instance_count": t.postprocessing_instance_count},
-        "ensemble": {**batch, "logits_datatype": "TYPE_FP32"},
+        "ensemble": {**batch, "logits_datatype": "TYPE_FP32", **sequence_key_maps(engine_kind)},
         "tensorrt_llm_bls": {**batch, "decoupled_mode": _bool(t.decoupled), "logits_datatype": "TYPE_FP32",
                              "bls_instance_count": t.bls_instance_count, "accumulate_tokens": _bool(t.bls_accumulate_tokens),
                              "tensorrt_llm_model_name": "tensorrt_llm"},
     }
+
+
+def sequence_key_maps(engine_kind: str) -> dict:
+    """The ensemble's route of the python tensorrt_llm's `grok_sequence_key` to postprocessing's
+    SEQUENCE_KEY (which names it when it stops a cancelled sequence); none for the C++ backend."""
+    if engine_kind == "trtllm":
+        return {"sequence_key_output": Fragment(""), "sequence_key_input": Fragment("")}
+    return {"sequence_key_output": Fragment('      output_map { key: "grok_sequence_key" value: "_SEQUENCE_KEY" }'),
+            "sequence_key_input": Fragment('      input_map { key: "SEQUENCE_KEY" value: "_SEQUENCE_KEY" }')}
 
 
 def _source_manifest(cfg) -> dict:

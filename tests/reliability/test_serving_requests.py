@@ -216,3 +216,48 @@ def test_query_refuses_text_that_is_not_unicode():
     r = subprocess.run([sys.executable, "-m", "grok_deploy.cli", "query", "--url", "127.0.0.1:1", b"a\xffb"],
                        capture_output=True, timeout=60)
     assert r.returncode == 2 and r.stderr.decode().strip().startswith("error: prompt: not valid Unicode text")
+
+
+# --- bounded request cost (issue 22.5) ----------------------------------------------------------
+
+def words(lists: list[list[int]]) -> np.ndarray:
+    """[1, 2, N]: the backend's flat ids and cumulative end offsets (one batch row)."""
+    flat = [t for w in lists for t in w]
+    ends = np.cumsum([len(w) for w in lists]).tolist()
+    return np.array([[flat, ends + [-1] * (len(flat) - len(ends))]], np.int32)
+
+
+def test_word_lists_are_bounded_before_they_are_read():
+    import time
+
+    from grok_deploy.serving.triton_models.params import MAX_WORD_TOKENS, MAX_WORDS
+
+    million = np.stack([np.full(1_000_000, 9, np.int32), np.arange(1, 1_000_001, dtype=np.int32)])[None]
+    t0 = time.monotonic()
+    with pytest.raises(BadRequest, match=f"bad_words_list: 1000000 tokens; at most {MAX_WORD_TOKENS} per request row"):
+        parse_request(request(bad_words_list=million), 64, V, decoupled=True)
+    assert time.monotonic() - t0 < 0.5  # refused from its shape, not after reading a million words
+    with pytest.raises(BadRequest, match=f"stop_words_list: {MAX_WORDS + 1} words; at most {MAX_WORDS}"):
+        parse_request(request(stop_words_list=words([[3]] * (MAX_WORDS + 1))), 64, V, decoupled=True)
+    at_limit = words([[3]] * (MAX_WORDS - 1) + [[4] * (MAX_WORD_TOKENS - MAX_WORDS + 1)])
+    p = parse_request(request(bad_words_list=at_limit, stop_words_list=at_limit), 64, V, decoupled=True)[0]
+    assert len(p.bad_words) == len(p.stop_words) == MAX_WORDS and len(p.bad_words[-1]) == MAX_WORD_TOKENS - MAX_WORDS + 1
+    with pytest.raises(BadRequest, match=r"prompt length \(65 tokens per input_ids row\) exceeds maximum input length \(64\)"):
+        parse_request(request(input_ids=np.zeros((1, 65), np.int32)), 64, V, decoupled=True)
+    with pytest.raises(BadRequest, match=f"embedding_bias must have {V} values, got {V * 2}"):
+        parse_request(request(embedding_bias=np.zeros((1, V * 2), np.float32)), 64, V, decoupled=True)
+
+
+def test_bad_words_mask_single_and_multi_token_words():
+    """One vectorised mask for 1-token words, a suffix test for longer ones: the same tokens as
+    masking word by word."""
+    import torch
+
+    from grok_deploy.serving.triton_models.params import MASKED, next_token
+
+    logits = np.arange(V, dtype=np.float32)  # argmax = V - 1, then V - 2, ...
+    p = Params([1, 2], 4, bad_words=[[V - 1], [7, V - 2], [V - 3]])
+    tok, x = next_token(logits, p, [1, 2], 0, torch.Generator())
+    assert tok == V - 2 and x[V - 1] == MASKED and x[V - 3] == MASKED and x[V - 2] == V - 2  # 7 not last
+    tok, x = next_token(logits, p, [1, 2, 7], 1, torch.Generator())
+    assert tok == V - 4 and x[V - 2] == MASKED  # after 7, the 2-token word's last token is banned too

@@ -131,7 +131,8 @@ def test_ensemble_steps_and_renames(repo):
     assert dict(steps["tensorrt_llm"].output_map)["output_ids"] == "_TOKENS_BATCH"
     assert dict(steps["tensorrt_llm"].output_map)["first_token_time_ns"] == "first_token_time_ns"
     assert io(c, "output")["arrival_time_ns"][:2] == ("TYPE_INT64", [1])
-    assert post == {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
+    assert post == {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH", "SEQUENCE_KEY": "_SEQUENCE_KEY"}
+    assert dict(steps["tensorrt_llm"].output_map)["grok_sequence_key"] == "_SEQUENCE_KEY"
     assert dict(steps["postprocessing"].output_map) == {"OUTPUT": "text_output"}
     # every name the ensemble maps exists in the step model's config, with the same dtype
     cfgs = configs(repo)
@@ -171,8 +172,13 @@ def test_trtllm_variant(cfg, repo, tiny_ckpt, tmp_path):
     assert params["gpt_model_path"] == str(engine.resolve()) and params["kv_cache_free_gpu_mem_fraction"] == "0.9"
     assert not (out / "tensorrt_llm" / "1" / "model.py").exists()
     assert c.model_transaction_policy.decoupled and c.instance_group[0].kind == 2  # KIND_CPU
-    py = configs(repo)["tensorrt_llm"]  # both variants keep the same I/O contract
-    assert list(c.input) == list(py.input) and list(c.output) == list(py.output)
+    py = configs(repo)["tensorrt_llm"]  # both variants keep the same I/O contract, plus the python
+    # model's own grok_sequence_key (the ensemble's cancellation names its sequence with it)
+    own = lambda ts: [t for t in ts if t.name != "grok_sequence_key"]  # noqa: E731
+    assert list(c.input) == own(py.input) and list(c.output) == own(py.output)
+    assert [t.name for t in py.output if t not in c.output] == ["grok_sequence_key"]
+    ens = parse_config((out / "ensemble" / "config.pbtxt").read_text())  # the C++ backend: no key routed
+    assert "_SEQUENCE_KEY" not in str(ens) and "_SEQUENCE_KEY" in str(configs(repo)["ensemble"])
 
 
 def test_decoupled_off_and_bad_inputs(cfg, tiny_ckpt, tmp_path):

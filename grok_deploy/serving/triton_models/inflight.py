@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import secrets
 import threading
 import time
 from typing import Callable
@@ -32,6 +33,7 @@ class Seq:
 
         self.key = next(Seq._ids)
         self.params, self.sink, self.row, self.request_id = params, sink, row, request_id
+        self.secret = secrets.randbits(63)  # grok_sequence_key: names this sequence alone in a stop
         self.out: list[int] = []
         self.log_probs: list[float] = []
         self.logits: list[np.ndarray] = []
@@ -76,10 +78,12 @@ class Scheduler:
             self.pending.append(seq)
             self.cv.notify()
 
-    def cancel(self, request_id: str) -> int:
-        """Cancel every waiting or live sequence of `request_id`; returns how many."""
+    def cancel(self, request_id: str, secret: int | None = None) -> int:
+        """Cancel every waiting or live sequence of `request_id` (ids are the clients' choice:
+        several may share one), or only the one whose `secret` is given; returns how many."""
         with self.cv:
-            hit = [s for s in (*self.pending, *self.live) if s.request_id == request_id]
+            hit = [s for s in (*self.pending, *self.live)
+                   if s.request_id == request_id and (secret is None or s.secret == secret)]
             for s in hit:
                 s.cancel_flag = True
             self.cv.notify()

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MASKED = -1e10  # the original's value for filtered-out logits
+# Request cost bounds (refused at parse time, before scheduling): a request's stop/bad words are
+# checked at every decode step of the shared batch, so their size bounds what one request adds
+# to every step. TensorRT-LLM sets no such limit; these are far above any real use.
+MAX_WORDS = 1024         # words in one stop_words_list / bad_words_list row
+MAX_WORD_TOKENS = 8192   # tokens of all the words of one list row ([2, N]: N <= this)
 
 
 class BadRequest(ValueError):
@@ -48,6 +53,16 @@ class Params:
     return_perf_metrics: bool = False
     return_num_input_tokens: bool = False   # 1.x: num_input_tokens (INT32 [1]) on every response
     return_num_output_tokens: bool = False  # 1.x: num_output_tokens, the tokens each response carries
+    # bad_words split once (see bad_split): (single-token words as an index array, longer words)
+    _bad: tuple | None = field(default=None, repr=False, compare=False)
+
+    def bad_split(self) -> tuple[np.ndarray, list[list[int]]]:
+        """The bad words as (1-token words: one vectorised mask per step, longer words: a suffix
+        test each), computed on the first step of the sequence."""
+        if self._bad is None:
+            single = np.array(sorted({w[0] for w in self.bad_words if len(w) == 1}), np.int64)
+            self._bad = (single, [w for w in self.bad_words if len(w) > 1])
+        return self._bad
 
     @property
     def greedy(self) -> bool:
@@ -101,16 +116,22 @@ def _scalar(inputs: dict, name: str, b: int, batch: int, default):
     return default if a is None else a.reshape(batch, -1)[b, 0].item()
 
 
-def word_lists(a: np.ndarray | None) -> list[list[int]]:
-    """[2, N] (row 0 flat ids, row 1 cumulative end offsets padded with -1) -> words."""
+def word_lists(a: np.ndarray | None, name: str = "words list") -> list[list[int]]:
+    """[2, N] (row 0 flat ids, row 1 cumulative end offsets padded with -1) -> words; at most
+    MAX_WORD_TOKENS tokens and MAX_WORDS words, checked before any is read."""
     if a is None or a.size == 0:
         return []
     if a.ndim != 2 or a.shape[0] != 2:
         raise BadRequest(f"a words list must be [2, N], got {list(a.shape)}")
+    if a.shape[1] > MAX_WORD_TOKENS:
+        raise BadRequest(f"{name}: {a.shape[1]} tokens; at most {MAX_WORD_TOKENS} per request row "
+                         f"(words are checked at every decode step of the shared batch)")
+    ends = a[1][: int(np.argmax(a[1] < 0)) if (a[1] < 0).any() else a.shape[1]]
+    if ends.size > MAX_WORDS:
+        raise BadRequest(f"{name}: {ends.size} words; at most {MAX_WORDS} per request row "
+                         f"(words are checked at every decode step of the shared batch)")
     words, start = [], 0
-    for end in a[1]:
-        if end < 0:
-            break
+    for end in ends:
         if not start < end <= a.shape[1]:
             raise BadRequest(f"words list offsets must increase within [1, {a.shape[1]}], got {a[1].tolist()}")
         words.append([int(t) for t in a[0, start:end]])
@@ -137,6 +158,9 @@ def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: 
     ids = _get(inputs, "input_ids")
     if ids.ndim != 2:
         raise BadRequest(f"input 'input_ids' must be [batch, tokens], got {list(ids.shape)}")
+    if ids.shape[1] > max_input_len:  # before any row is read: the prompt's size is bounded
+        raise BadRequest(f"prompt length ({ids.shape[1]} tokens per input_ids row) exceeds maximum input "
+                         f"length ({max_input_len})")
     batch = ids.shape[0]
     if batch > 1 and not decoupled:
         raise BadRequest("batch > 1 requires the decoupled transaction policy")
@@ -186,13 +210,13 @@ def parse_request(inputs: dict, max_input_len: int, vocab_size: int, decoupled: 
                              f"{p.top_p} (0..1), temperature {p.temperature} (>= 0)")
         for name, attr in (("stop_words_list", "stop_words"), ("bad_words_list", "bad_words")):
             a = _get(inputs, name, batch)
-            words = word_lists(None if a is None else a[b])
+            words = word_lists(None if a is None else a[b], name)
             if any(not 0 <= t < vocab_size for w in words for t in w):
                 raise BadRequest(f"{name}: token ids must be in [0, {vocab_size})")
             setattr(p, attr, words)
         bias = _get(inputs, "embedding_bias", batch)
         if bias is not None and bias[b].size:
-            if bias[b].shape != (vocab_size,):
+            if bias[b].ndim != 1 or bias[b].shape != (vocab_size,):
                 raise BadRequest(f"embedding_bias must have {vocab_size} values, got {bias[b].size}")
             bad = np.flatnonzero(~np.isfinite(bias[b]))  # one NaN makes every logit NaN
             if bad.size:
@@ -218,9 +242,13 @@ def next_token(logits: np.ndarray, p: Params, context: list[int], n_out: int, ge
         raise FloatingPointError(f"the logits of this sequence have {int(torch.isnan(x).sum())} NaN value(s)")
     if n_out < p.min_tokens and 0 <= p.end_id < x.numel():
         x[p.end_id] = MASKED
-    for w in p.bad_words:
-        if w and (len(w) == 1 or context[-(len(w) - 1):] == w[:-1]):
-            x[w[-1]] = MASKED
+    if p.bad_words:
+        single, longer = p.bad_split()
+        if single.size:
+            x[torch.from_numpy(single)] = MASKED
+        for w in longer:
+            if context[-(len(w) - 1):] == w[:-1]:
+                x[w[-1]] = MASKED
     if p.greedy:
         return int(x.argmax()), x
     y = x

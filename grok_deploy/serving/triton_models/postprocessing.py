@@ -9,7 +9,9 @@ Cancellation: Triton (2.51) does not tell a running ensemble step that its ensem
 cancelled (client gone, stream closed); it only marks the *next* steps, i.e. the postprocessing
 requests of the tokens that follow. Seeing one, this model sends `tensorrt_llm` the backend's own
 cancellation (`stop` with the request id, triton-serving.md §3), so that the sequence leaves the
-batch at the next step instead of decoding to its end. (No dynamic batcher here: Triton's batcher
+batch at the next step instead of decoding to its end. The python tensorrt_llm also hands over
+its sequence's random key (SEQUENCE_KEY); the stop names it, so that it ends that sequence only,
+not another client's request that carries the same request id. (No dynamic batcher here: Triton's batcher
 drops cancelled requests before `execute`, and the ensemble then stays "in flight" for ever.)
 """
 import collections
@@ -77,18 +79,21 @@ class TritonPythonModel:
         self.sp = load_tokenizer(folder)
         self.skip_special = params.get("skip_special_tokens", "true").strip().lower() in ("1", "true", "yes")
         self.vocab = self.sp.GetPieceSize()
-        self.stopped = collections.deque(maxlen=1024)  # request ids already stopped (one stop each)
+        self.stopped = collections.deque(maxlen=1024)  # (request id, key) already stopped (one stop each)
 
-    def stop_generation(self, request_id: str) -> None:
-        """Cancel the `tensorrt_llm` sequence of a cancelled ensemble request, by its id."""
-        if not request_id or request_id in self.stopped:
+    def stop_generation(self, request_id: str, key=None) -> None:
+        """Cancel the `tensorrt_llm` sequence of a cancelled ensemble request: by its id, and by
+        its key when the model gave one (then only that sequence)."""
+        if not request_id or (request_id, key) in self.stopped:
             return  # without an id the sequence runs to its end; its ensemble still completes
-        self.stopped.append(request_id)
+        self.stopped.append((request_id, key))
         zero = np.zeros((1, 1), np.int32)
-        stop = pb_utils.InferenceRequest(
-            model_name="tensorrt_llm", request_id=request_id, requested_output_names=["output_ids"],
-            inputs=[pb_utils.Tensor("input_ids", zero), pb_utils.Tensor("input_lengths", zero),
-                    pb_utils.Tensor("request_output_len", zero), pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))])
+        inputs = [pb_utils.Tensor("input_ids", zero), pb_utils.Tensor("input_lengths", zero),
+                  pb_utils.Tensor("request_output_len", zero), pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))]
+        if key is not None:
+            inputs.append(pb_utils.Tensor("grok_sequence_key", np.array([[key]], np.uint64)))
+        stop = pb_utils.InferenceRequest(model_name="tensorrt_llm", request_id=request_id,
+                                         requested_output_names=["output_ids"], inputs=inputs)
         try:
             for response in stop.exec(decoupled=True):
                 if response.has_error():
@@ -113,7 +118,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             if request.is_cancelled():
-                self.stop_generation(request.request_id())
+                key = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_KEY")
+                self.stop_generation(request.request_id(), None if key is None else int(key.as_numpy().reshape(-1)[0]))
             tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()  # (B, beams, T)
             lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()  # (B, beams)
             lengths = lengths.reshape(tokens.shape[:2])

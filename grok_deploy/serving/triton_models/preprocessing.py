@@ -8,6 +8,9 @@ Prompts are right-padded with pad_id; word lists become [2, N] (ids, end offsets
 Special-token text (docs/serving.md): the text of a control token ([PAD], [BOS], [EOS], [UNK]) in a
 prompt or a word IS that token, as AutoTokenizer on the Hugging Face folder and the reference
 (grok_deploy/model/tokenizer.py) have it; the text around it is encoded as usual.
+Sizes are bounded before anything is tokenized (INVALID_ARG naming the input): a prompt's bytes,
+and the count and bytes of the stop / bad / embedding-bias word lists (tensorrt_llm checks its
+word lists at every decode step of the shared batch: params.MAX_WORDS, MAX_WORD_TOKENS).
 """
 import json
 import os
@@ -15,6 +18,23 @@ import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+MAX_PROMPT_BYTES = 1 << 20  # per text_input row: far above max_input_len tokens of text
+MAX_WORDS = 1024            # per bad_words / stop_words / embedding_bias_words row (= params.MAX_WORDS)
+MAX_WORD_BYTES = 1 << 16    # all the words of one such row
+
+
+def check_size(a, name: str, batch: int, max_count: int | None, max_bytes: int) -> None:
+    """ValueError (INVALID_ARG) when a row of the BYTES input `name` has more than `max_count`
+    entries or `max_bytes` bytes in all."""
+    if a is None:
+        return
+    for row in np.asarray(a).reshape(batch, -1):
+        if max_count is not None and row.size > max_count:
+            raise ValueError(f"{name}: {row.size} words; at most {max_count} per request row")
+        size = sum(len(x) if isinstance(x, (bytes, str)) else 0 for x in row)
+        if size > max_bytes:
+            raise ValueError(f"{name}: {size} bytes; at most {max_bytes} per request row")
 
 
 def truthy(value: str) -> bool:
@@ -142,6 +162,11 @@ class TritonPythonModel:
 
         queries = get("QUERY")
         batch = queries.shape[0]
+        check_size(queries, "text_input", batch, None, MAX_PROMPT_BYTES)
+        check_size(get("DECODER_QUERY"), "decoder_text_input", batch, None, MAX_PROMPT_BYTES)
+        for tensor, name in (("BAD_WORDS_DICT", "bad_words"), ("STOP_WORDS_DICT", "stop_words"),
+                             ("EMBEDDING_BIAS_WORDS", "embedding_bias_words")):
+            check_size(get(tensor), name, batch, MAX_WORDS, MAX_WORD_BYTES)
         ids = [self.encode(t) for t in texts(queries)]
         if any(not x for x in ids):
             raise ValueError("text_input encodes to no tokens; send a non-empty prompt")

@@ -45,6 +45,7 @@ class Sink:
 
     def __init__(self, request, rows: int):
         self.request, self.sender = request, request.get_response_sender()
+        self.send_key = "grok_sequence_key" in request.requested_output_names()  # asked by the ensemble
         self.left, self.batched = rows, rows > 1
         self.closed = False
         self.lock = threading.Lock()
@@ -93,6 +94,8 @@ class Sink:
                pb_utils.Tensor("sequence_length", np.array([[len(ids)]], np.int32))]
         if self.batched:
             out.append(pb_utils.Tensor("batch_index", np.array([[seq.row]], np.int32)))
+        if self.send_key:
+            out.append(pb_utils.Tensor("grok_sequence_key", np.array([[seq.secret]], np.uint64)))
         if p.return_log_probs:
             out += [pb_utils.Tensor("cum_log_probs", np.array([[sum(seq.log_probs)]], np.float32)),
                     pb_utils.Tensor("output_log_probs", np.array(log_probs, np.float32).reshape(1, 1, -1))]
@@ -170,7 +173,8 @@ class TritonPythonModel:
         if stop is not None and stop.any():
             if not request.request_id():
                 raise BadRequest("A request id must be provided for request cancellation")
-            self.scheduler.cancel(request.request_id())
+            key = inputs.get("grok_sequence_key")  # the ensemble's postprocessing names its own sequence
+            self.scheduler.cancel(request.request_id(), None if key is None or not key.size else int(key.reshape(-1)[0]))
             # decoupled: a flags-only FINAL; otherwise Triton needs a response first: an empty one
             empty = None if self.decoupled else pb_utils.InferenceResponse(output_tensors=[])
             request.get_response_sender().send(empty, flags=FINAL)
