@@ -119,3 +119,37 @@ def test_cpu_moe_kernel_has_no_gated_tanh_gelu():
     # the one gated activation the CPU kernel has is SwiGLU (x W sigmoid(alpha x W)): it runs
     sess = ort.InferenceSession(_moe_model("swiglu", 1, False).SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.run(None, feeds)[0].shape == (3, 16)
+
+
+def _qmoe_model(activation: str, fusion: int, fc3: bool, e=4, d=64, f=64) -> onnx.ModelProto:
+    """QMoE, 8-bit experts (uint8 codes (E, N, K), per-row scales), the int8 export's would-be op."""
+    rng = np.random.default_rng(0)
+
+    def q(name, n, k):
+        return [numpy_helper.from_array(rng.integers(0, 255, (e, n, k), dtype=np.uint8), name),
+                numpy_helper.from_array(np.full((e, n), 0.01, np.float32), name + ".s")]
+
+    n1 = (2 if fusion else 1) * f
+    inits = q("w1", n1, d) + q("w2", d, f)
+    inputs = ["x", "router", "w1", "w1.s", "", "w2", "w2.s", ""]
+    if fc3:
+        inits += q("w3", f, d)
+        inputs += ["w3", "w3.s"]
+    node = helper.make_node("QMoE", inputs, ["y"], domain="com.microsoft", k=2, activation_type=activation,
+                            swiglu_fusion=fusion, normalize_routing_weights=0, expert_weight_bits=8)
+    graph = helper.make_graph([node], "qmoe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, d]),
+                                               helper.make_tensor_value_info("router", TensorProto.FLOAT, [3, e])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_cpu_qmoe_kernel_has_no_gated_tanh_gelu():
+    """The int8 export keeps MatMulNBits experts for the same reason: QMoE on CPU refuses geglu and fc3 gating."""
+    feeds = {"x": np.ones((3, 64), np.float32), "router": np.zeros((3, 4), np.float32)}
+    with pytest.raises(Exception, match="Unsupported MoE activation type: geglu"):
+        ort.InferenceSession(_qmoe_model("geglu", 2, False).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(_qmoe_model("gelu", 0, True).SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="FC3 gating is not yet implemented on CPU for QMoE"):
+        sess.run(None, feeds)
+    sess = ort.InferenceSession(_qmoe_model("swiglu", 1, False).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, feeds)[0].shape == (3, 64)
