@@ -1,14 +1,30 @@
-"""ONNX Runtime decode speed against the PyTorch reference, and weight bandwidth, in one run.
+"""ONNX Runtime decode and prefill: the standard graph (today's) against the fused graph, float32 and
+int8, batch 1 and 8, interleaved in one run, each against the 2-thread read bandwidth.
 
-On `grok-1-bench` (made with make-tiny into a temp folder unless --ckpt is given), prints
-decode tokens/s at batch 1 and batch 8 for ORT float32, ORT int8 and the reference with its KV
-cache (the median decode step, best of --rounds measurements after a discarded one; prefill
-excluded; each sequence its own prompt), the achieved weight bandwidth at batch 1
-(bytes of active weights read per token x tokens/s) against a numpy copy measured in the same
-run, and the targets: ORT >= 1.5x the reference at batch 1; batch 8 >= 4x batch 1 (aggregate);
-batch-1 float32 bandwidth >= 50% of the copy bandwidth.
+On `grok-1-bench` (made with make-tiny into a temp folder unless --ckpt is given) it exports and
+builds four engines (graph standard | fused x quant none | int8), then per quant loads the two
+engines and measures, round after round, in turn: the read bandwidth, then for each graph and
+batch 1 and 8 one prefill and --tokens decode steps. Per setting it keeps the best of --rounds
+rounds (after a discarded warm-up round): the median decode step, the prefill.
 
-    .venv/bin/python bench/onnx_decode.py [--ckpt DIR] [--tokens 32] [--prompt-len 32] [--json] [--enforce]
+The limit: the bytes of weights one decode step touches (`step_weight_bytes`: attention, router,
+norms, the experts the step's tokens pick, the unembedding; int8 matrices 1 byte + a 4-byte scale
+per 64) read by 2 threads, as the engine reads them: torch.sum over a buffer of exactly that many
+bytes with 2 intra-op threads (torch.set_num_threads(2)), best of 5. "% of read bw" =
+bytes per step x steps per second / that bandwidth.
+
+--genai adds onnxruntime-genai's Generator on the fused engines (its folder has genai_config.json),
+after the interleaved rounds of each quant (one model in memory at a time), for the backend choice.
+
+Targets (printed, --enforce exits 1 on a miss): fused batch-1 decode >= 85% of the read bandwidth
+(float32 and int8); fused >= 1.3x standard at int8 and >= 1.2x at float32 (batch-1 decode);
+fused prefill and batch-8 decode not slower than standard (>= 0.97x: the rounds' noise).
+
+    .venv/bin/python bench/onnx_decode.py [--ckpt DIR] [--tokens 16] [--prompt-len 32] [--rounds 3]
+                                          [--genai] [--json] [--enforce]
+
+About 12 minutes on an idle 2-core VM: ~5 min to make the checkpoint and export/build the 4
+engines, ~1 min per round and quant. Memory: two float32 engines of grok-1-bench, ~9 GB.
 """
 from __future__ import annotations
 
@@ -24,14 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes copied per second by numpy (best of `repeats`); the traffic is twice that (read + write)."""
-    src = np.ones(nbytes, np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    return nbytes / best
+GRAPHS = ("standard", "fused")
+QUANTS = ("none", "int8")
 
 
 def _timed(fn) -> float:
@@ -40,17 +50,35 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def active_weight_bytes(cfg, quant: str, block: int = 64) -> int:
-    """Bytes of weights read per token at batch 1: attention, router, norms, 2 experts, unembedding."""
-    d, f, k = cfg.emb_size, cfg.ffn_size, cfg.num_selected_experts
-    matrices = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + k * 3 * d * f
+def read_bandwidth(nbytes: int, threads: int = 2, repeats: int = 5) -> float:
+    """Bytes per second read by `threads` threads summing a float32 buffer of `nbytes` (best of `repeats`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)  # written once: every page is resident
+        buf.sum()
+        return nbytes / min(_timed(buf.sum) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(before)
+
+
+def step_weight_bytes(cfg, quant: str, batch: int = 1, block: int = 64) -> int:
+    """Bytes of weights one decode step reads: per layer q|k|v and o, the router, the norms and the
+    experts hit (batch 1: k = 2; batch B: the expected distinct experts of B tokens' top-2, routing
+    uniform and independent), plus the tied unembedding."""
+    d, f, e, k = cfg.emb_size, cfg.ffn_size, cfg.num_experts, cfg.num_selected_experts
+    hit = k if batch == 1 else e * (1 - ((e - k) / e) ** batch)
+    matrices = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + hit * 3 * d * f
     per_matrix_byte = 4 if quant == "none" else 1 + 4 / block  # int8 codes + one f32 scale per block
-    floats = d * cfg.num_experts + 4 * d
+    floats = d * e + 4 * d
     return int(cfg.num_layers * (matrices * per_matrix_byte + floats * 4) + (cfg.vocab_size * d + d) * 4)
 
 
 def expected_batch_bytes_ratio(cfg, batch: int) -> float:
-    """Weight bytes of one decode step at `batch` / at batch 1, routing uniform and independent."""
+    """Matrix bytes of one decode step at `batch` / at batch 1, routing uniform and independent
+    (bench/serving_overhead.py's bound)."""
     e, k = cfg.num_experts, cfg.num_selected_experts
     experts_hit = e * (1 - ((e - k) / e) ** batch)
     d, f = cfg.emb_size, cfg.ffn_size
@@ -62,142 +90,150 @@ def prompts_for(cfg, batch: int, length: int) -> list[list[int]]:
     return [[(7 * i + 131 * b) % (cfg.vocab_size - 400) + 300 for i in range(length)] for b in range(batch)]
 
 
-def median_step_s(step, n: int) -> float:
-    step()  # warm-up
-    return float(np.median([_timed(step) for _ in range(n)]))
-
-
-def ort_step_s(eng, cfg, batch: int, prompt_len: int, n: int) -> float:
-    """Median seconds of one decode step of `batch` fresh sequences on an OrtEngine."""
+def measure_engine(eng, cfg, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of `batch` fresh sequences on an OrtEngine: the prefill of
+    every prompt, then the median of `steps` decode steps after one warm-up step."""
     ids = list(range(batch))
-    last = [int(eng.add(i, p).argmax()) for i, p in zip(ids, prompts_for(cfg, batch, prompt_len))]
+    prompts = prompts_for(cfg, batch, prompt_len)
+    t0 = time.perf_counter()
+    last = [int(eng.add(i, p).argmax()) for i, p in zip(ids, prompts)]
+    prefill = batch * prompt_len / (time.perf_counter() - t0)
 
     def step():
         last[:] = eng.step(ids, last).argmax(-1).tolist()
 
     try:
-        return median_step_s(step, n)
+        step()
+        return prefill, batch / float(np.median([_timed(step) for _ in range(steps)]))
     finally:
         for i in ids:
             eng.remove(i)
 
 
-def reference_step_s(model, batch: int, prompt_len: int, n: int) -> float:
-    """The decode loop of generate.generate: one forward of [B, 1] per token over the KV cache."""
-    import torch
+def measure_genai(folder, cfg, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
+    """The same on onnxruntime-genai's Generator (its own KV cache and greedy search in C++)."""
+    import onnxruntime_genai as og
 
-    cache = model.new_cache(batch, prompt_len + n + 2)
-    x = torch.tensor(prompts_for(model.cfg, batch, prompt_len))
-    with torch.no_grad():
-        state = {"next": model(x, cache=cache, start=torch.zeros(batch, dtype=torch.long))[:, -1].argmax(-1),
-                 "pos": torch.full((batch,), prompt_len)}
+    model = og.Model(str(folder))
+    out = []
+    for _ in range(2):  # the first is the warm-up
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_len + steps + 2, do_sample=False, batch_size=batch)
+        gen = og.Generator(model, params)
+        prefill = batch * prompt_len / _timed(lambda: gen.append_tokens(prompts_for(cfg, batch, prompt_len)))
+        gen.generate_next_token()
+        dt = [_timed(gen.generate_next_token) for _ in range(steps)]
+        out.append((prefill, batch / float(np.median(dt))))
+        del gen
+    del model
+    return out[-1]
 
-        def step():
-            state["next"] = model(state["next"][:, None], cache=cache, start=state["pos"])[:, 0].argmax(-1)
-            state["pos"] += 1
 
-        return median_step_s(step, n)
+def build_all(ckpt_dir, tmp: Path, max_seq_len: int) -> dict:
+    """The four engine folders; the ONNX exports are removed once built (engines are self-contained)."""
+    from grok_deploy.onnx.export import export_onnx
+    from grok_deploy.onnx.ort_engine import build_engine
+
+    folders = {}
+    for quant in QUANTS:
+        for graph in GRAPHS:
+            src, dst = tmp / f"onnx-{graph}-{quant}", tmp / f"engine-{graph}-{quant}"
+            export_onnx(ckpt_dir, src, quant, progress=False, graph=graph)
+            build_engine(src, dst, max_batch_size=8, max_seq_len=max_seq_len)
+            shutil.rmtree(src)
+            folders[graph, quant] = dst
+    return folders
 
 
-def best_tokens_per_s(measures: dict, rounds: int) -> dict[str, dict[int, float]]:
-    """Every (name, batch 1 | 8) measured in turn, `rounds` times after one discarded round; the
-    best of each. On this shared 2-core VM the minutes after writing and loading gigabytes run
-    slower and neighbours come and go; the best median is the machine's steady state."""
-    best = {name: {1: float("inf"), 8: float("inf")} for name in measures}
-    for r in range(rounds + 1):
-        for name, measure in measures.items():
-            for b in (1, 8):
-                t = measure(b)
-                if r:
-                    best[name][b] = min(best[name][b], t)
-    return {name: {b: b / t for b, t in row.items()} for name, row in best.items()}
+def run(args) -> dict:
+    from grok_deploy.checkpoint import open_checkpoint
+    from grok_deploy.checkpoint.tiny import make_tiny
+    from grok_deploy.onnx.ort_engine import OrtEngine, default_threads
+
+    res: dict = {"threads": default_threads(), "loadavg_start": os.getloadavg(), "rows": {}, "bandwidth": {}}
+    with tempfile.TemporaryDirectory(prefix="grok-onnx-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        ckpt_dir = args.ckpt or make_tiny(tmp / "ckpt", "grok-1-bench", seed=0, progress=False)
+        cfg = open_checkpoint(ckpt_dir).config
+        folders = build_all(ckpt_dir, tmp, args.prompt_len + args.tokens + 4)
+        res["setup_s"] = round(time.perf_counter() - t0, 1)
+        res["preset"] = cfg.name
+        os.sync()
+        for quant in QUANTS:
+            engines = {g: OrtEngine(folders[g, quant]) for g in GRAPHS}
+            best: dict = {}
+            bw = {b: 0.0 for b in (1, 8)}
+            for r in range(args.rounds + 1):
+                for b in (1, 8):
+                    x = read_bandwidth(step_weight_bytes(cfg, quant, b))
+                    bw[b] = max(bw[b], x) if r else bw[b]
+                    for g, eng in engines.items():
+                        pre, dec = measure_engine(eng, cfg, b, args.prompt_len, args.tokens)
+                        if r:
+                            old = best.get((g, b), (0.0, 0.0))
+                            best[g, b] = (max(old[0], pre), max(old[1], dec))
+            del engines
+            gc.collect()
+            if args.genai:
+                for b in (1, 8):
+                    best["genai", b] = measure_genai(folders["fused", quant], cfg, b, args.prompt_len, args.tokens)
+            res["bandwidth"][quant] = bw
+            for (g, b), (pre, dec) in best.items():
+                nbytes = step_weight_bytes(cfg, quant, b)
+                res["rows"][f"{g}/{quant}/b{b}"] = {
+                    "prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "bytes_per_step": nbytes,
+                    "bytes_per_token": nbytes / b, "pct_read_bw": 100 * nbytes * dec / b / bw[b]}
+    res["loadavg_end"] = os.getloadavg()
+    rows = res["rows"]
+
+    def ratio(q, b, key="decode_tokens_per_s"):
+        return rows[f"fused/{q}/b{b}"][key] / rows[f"standard/{q}/b{b}"][key]
+
+    res["targets"] = {
+        "fused float32 batch-1 decode >= 85% of read bw": rows["fused/none/b1"]["pct_read_bw"] >= 85,
+        "fused int8 batch-1 decode >= 85% of read bw": rows["fused/int8/b1"]["pct_read_bw"] >= 85,
+        "fused >= 1.2x standard, float32 batch-1 decode": ratio("none", 1) >= 1.2,
+        "fused >= 1.3x standard, int8 batch-1 decode": ratio("int8", 1) >= 1.3,
+        **{f"fused {k} not slower than standard ({q})": ratio(q, b, key) >= 0.97 for q in QUANTS
+           for k, b, key in (("batch-8 decode", 8, "decode_tokens_per_s"),
+                             ("prefill", 1, "prefill_tokens_per_s"))},
+    }
+    res["ratios"] = {f"{q}/b{b}": {"decode": ratio(q, b), "prefill": ratio(q, b, "prefill_tokens_per_s")}
+                     for q in QUANTS for b in (1, 8)}
+    return res
+
+
+def report(res: dict, args) -> None:
+    la, le = res["loadavg_start"], res["loadavg_end"]
+    print(f"preset {res['preset']}; {res['threads']} ORT threads; prompt {args.prompt_len}, {args.tokens} decode "
+          f"steps, best of {args.rounds} interleaved rounds; load average {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f} at "
+          f"start, {le[0]:.1f}/{le[1]:.1f}/{le[2]:.1f} at end; setup {res['setup_s']} s")
+    for q, bw in res["bandwidth"].items():
+        print(f"2-thread read bandwidth ({q} step bytes): batch 1 {bw[1] / 1e9:.1f} GB/s, batch 8 {bw[8] / 1e9:.1f} GB/s")
+    print(f"{'':22}{'decode tok/s':>13}{'prefill tok/s':>15}{'MB/token':>10}{'% read bw':>11}")
+    for name, r in res["rows"].items():
+        print(f"{name:22}{r['decode_tokens_per_s']:13.2f}{r['prefill_tokens_per_s']:15.1f}"
+              f"{r['bytes_per_token'] / 1e6:10.1f}{r['pct_read_bw']:10.0f}%")
+    for k, v in res["ratios"].items():
+        print(f"fused / standard {k}: decode {v['decode']:.2f}x, prefill {v['prefill']:.2f}x")
+    for t, ok in res["targets"].items():
+        print(f"target {t}: {'met' if ok else 'MISSED'}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=None)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--ref-tokens", type=int, default=16, help="decode steps of the (slow) reference")
+    ap.add_argument("--tokens", type=int, default=16, help="decode steps measured per setting")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="measurements per setting; the best is kept")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up); the best is kept")
+    ap.add_argument("--genai", action="store_true", help="also onnxruntime-genai's Generator on the fused engines")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--enforce", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args()
-
-    import torch
-
-    from grok_deploy.checkpoint import open_checkpoint
-    from grok_deploy.checkpoint.tiny import make_tiny
-    from grok_deploy.model.generate import load_model
-    from grok_deploy.onnx.export import export_onnx
-    from grok_deploy.onnx.ort_engine import OrtEngine, build_engine, default_threads
-
-    res: dict = {"threads": default_threads(), "tokens/s": {}, "loadavg_start": os.getloadavg()[0]}
-    with tempfile.TemporaryDirectory(prefix="grok-onnx-bench-") as tmp:
-        tmp = Path(tmp)
-        ckpt_dir = args.ckpt or make_tiny(tmp / "bench", "grok-1-bench", seed=0, progress=False)
-        cfg = open_checkpoint(ckpt_dir).config
-        res["preset"], res["params"] = cfg.name, cfg.param_count()
-        res["copy_bytes_per_s"] = copy_bandwidth()
-        engines = {}
-        for quant, name in (("none", "ort-float32"), ("int8", "ort-int8")):
-            t0 = time.perf_counter()
-            export_onnx(ckpt_dir, tmp / f"onnx-{quant}", quant, progress=False)
-            build_engine(tmp / f"onnx-{quant}", tmp / f"engine-{quant}", max_batch_size=8,
-                         max_seq_len=args.prompt_len + args.tokens + 2)
-            res[f"export_build_s_{quant}"] = round(time.perf_counter() - t0, 1)
-            shutil.rmtree(tmp / f"onnx-{quant}")  # the engine folder is self-contained
-            engines[name] = OrtEngine(tmp / f"engine-{quant}")
-        os.sync()  # let the written gigabytes reach the disk before timing
-        res["tokens/s"] = best_tokens_per_s(
-            {name: lambda b, eng=eng: ort_step_s(eng, cfg, b, args.prompt_len, args.tokens)
-             for name, eng in engines.items()}, args.rounds)
-        del engines
-        gc.collect()
-        model = load_model(open_checkpoint(ckpt_dir))
-        res["tokens/s"].update(best_tokens_per_s(
-            {"reference": lambda b: reference_step_s(model, b, args.prompt_len, args.ref_tokens)}, args.rounds))
-        res["torch_threads"] = torch.get_num_threads()
-        del model
-
-    res["loadavg_end"] = os.getloadavg()[0]
-    tps = res["tokens/s"]
-    copy = res["copy_bytes_per_s"]
-    bw = {n: active_weight_bytes(cfg, q) * tps[n][1] for n, q in (("ort-float32", "none"), ("ort-int8", "int8"))}
-    bw["reference"] = active_weight_bytes(cfg, "none") * tps["reference"][1]
-    res["weight_bytes_per_s_batch1"] = bw
-    res["batch8_bound"] = 8 / expected_batch_bytes_ratio(cfg, 8)
-    targets = {
-        "ort-float32 >= 1.5x reference (batch 1)": tps["ort-float32"][1] >= 1.5 * tps["reference"][1],
-        "ort-int8 >= 1.5x reference (batch 1)": tps["ort-int8"][1] >= 1.5 * tps["reference"][1],
-        "ort-float32 batch 8 >= 4x batch 1": tps["ort-float32"][8] >= 4 * tps["ort-float32"][1],
-        "ort-int8 batch 8 >= 4x batch 1": tps["ort-int8"][8] >= 4 * tps["ort-int8"][1],
-        "ort-float32 batch-1 bandwidth >= 50% of copy": bw["ort-float32"] >= 0.5 * copy,
-    }
-    res["targets"] = targets
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        gb = 1e9
-        print(f"preset {cfg.name}: {cfg.param_count() / 1e9:.2f} B params; {res['threads']} ORT threads, "
-              f"{res['torch_threads']} torch threads; prompt {args.prompt_len}, {args.tokens} decode steps "
-              f"({args.ref_tokens} for the reference); load average {res['loadavg_start']:.1f} at start, "
-              f"{res['loadavg_end']:.1f} at end")
-        print(f"{'':14}{'batch 1':>10}{'batch 8':>10}{'b8/b1':>8}   tokens/s (decode, aggregate)")
-        for n, row in tps.items():
-            print(f"{n:14}{row[1]:10.2f}{row[8]:10.2f}{row[8] / row[1]:8.2f}")
-        print(f"speed-up at batch 1 vs reference: float32 {tps['ort-float32'][1] / tps['reference'][1]:.2f}x, "
-              f"int8 {tps['ort-int8'][1] / tps['reference'][1]:.2f}x")
-        print(f"numpy copy: {copy / gb:.1f} GB/s copied ({2 * copy / gb:.1f} GB/s read + write)")
-        for n, v in bw.items():
-            q = "int8" if n == "ort-int8" else "none"
-            print(f"  {n:12} batch 1: {active_weight_bytes(cfg, q) / gb:.3f} GB/token x {tps[n][1]:.2f} tokens/s = "
-                  f"{v / gb:.1f} GB/s = {100 * v / copy:.0f}% of the copy rate")
-        print(f"batch 8 bound from routing (uniform top-2 of 8: {8 * (1 - 0.75 ** 8):.1f} experts per layer "
-              f"read per step): at most {res['batch8_bound']:.2f}x batch 1 when weight-bandwidth bound")
-        for t, ok in targets.items():
-            print(f"target {t}: {'met' if ok else 'MISSED'}")
-    return 1 if args.enforce and not all(targets.values()) else 0
+    res = run(args)
+    print(json.dumps(res, indent=1, default=str)) if args.json else report(res, args)
+    return 1 if args.enforce and not all(res["targets"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""export-onnx: the checkpoint -> an ONNX decoder with a KV cache (graph in onnx_graph.py).
+"""export-onnx: the checkpoint -> an ONNX decoder with a KV cache (graph in fused.py, or graph.py
+with `--graph standard`), plus genai_config.json and tokenizer files for onnxruntime-genai (genai.py).
 
 Writes `OUT/model.onnx` (the graph, a few hundred KB), `OUT/model.onnx.data` (every weight, as
 external data: the 2 GB protobuf limit never applies) and `OUT/manifest.json` (last). Weights
@@ -48,7 +49,9 @@ def io_spec(cfg) -> dict:
         "outputs": {
             "logits": {"dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]},
             "present.N.key|value": {"dtype": "float32", "shape": kv,
-                                    "doc": "past with this call's K/V scattered in at position_ids"},
+                                    "doc": "past with this call's K/V written at position_ids; bind the same "
+                                           "buffer as past (the fused graph's GroupQueryAttention keeps the "
+                                           "rest of the cache only then)"},
         },
         "kv_cache": "fixed capacity (past = capacity); bind the same buffer as past and present for an "
                     "in-place update; attention reads slots [0, max(position_ids)]",

@@ -20,9 +20,11 @@ what changes is how a layer is computed:
   do not implement Grok's expert. Measured on onnxruntime 1.32.0 (tests/onnx/test_fused_graph.py
   replays it): `activation_type="geglu"` (gelu_tanh(x W) * (x V)) is rejected on CPU ("Unsupported
   MoE activation type: geglu"; CUDA only), and a separate gated `fc3` is "not implemented for CPU
-  MoE"; the only gated CPU activation is SwiGLU, x W * sigmoid(alpha x W), which is not the
-  tanh-approximate GELU for any alpha. Routing would match (softmax over all experts, top-k,
-  `normalize_routing_weights` 0), the expert would not.
+  MoE" (QMoE, 8-bit: "FC3 gating is not yet implemented on CPU for QMoE"); the only gated CPU
+  activation is SwiGLU, x W * sigmoid(alpha x W), which is not the tanh-approximate GELU for any
+  alpha. Routing would match (softmax over all experts, top-k, `normalize_routing_weights` 0), the
+  expert would not. Source read: microsoft/onnxruntime onnxruntime/contrib_ops/cpu/moe/moe_cpu.cc
+  (commit 09fc631d9b3a5bbf7b24b99309845312385bf521) and the schemas of the installed 1.32.0.
 """
 from __future__ import annotations
 

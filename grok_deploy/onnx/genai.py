@@ -72,8 +72,9 @@ def _genai_flavour(out: Path) -> None:
     extensions) applies as SentencePiece does: a Llama-style normaliser (prepend U+2581, spaces ->
     U+2581), no pre-tokenizer, class LlamaTokenizer. Measured: the hf_tokenizer form (regex
     normalisers and pre-tokenizers) loads but merges nothing after the first piece; this form gives
-    SentencePiece's ids on the verification prompts (tests/onnx/test_genai.py). Known difference:
-    SentencePiece removes leading, trailing and repeated spaces, this form keeps them."""
+    SentencePiece's ids on the verification prompts (tests/onnx/test_genai.py). Known differences:
+    SentencePiece removes leading, trailing and repeated spaces, this form keeps them; genai's decode
+    keeps the dummy prefix (one leading space) that SentencePiece strips."""
     tok_file, cfg_file = out / "tokenizer.json", out / "tokenizer_config.json"
     tok = json.loads(tok_file.read_text(encoding="utf-8"))
     tok["normalizer"] = {"type": "Sequence", "normalizers": [

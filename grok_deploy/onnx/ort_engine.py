@@ -89,8 +89,27 @@ def build_engine(onnx_dir, out, threads: int | None = None, max_batch_size: int 
                          "bytes_per_token": 2 * cfg.num_layers * cfg.kv_size * 4},
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
+        manifest["onnxruntime_genai"] = _genai_files(onnx_dir, tmp, cfg, threads)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _genai_files(onnx_dir: Path, out: Path, cfg, threads: int) -> dict | None:
+    """The engine folder opens in onnxruntime-genai too: its genai_config.json names the optimised
+    graph, loaded as the engine loads it (no re-optimisation, the same threads); tokenizer files
+    copied from the export. None when the export has no genai_config.json (an older export)."""
+    import shutil
+
+    from grok_deploy.onnx.genai import GENAI_CONFIG, write_genai_files
+
+    src = json.loads((onnx_dir / "manifest.json").read_text()).get("onnxruntime_genai")
+    if not src or not (onnx_dir / GENAI_CONFIG).is_file():
+        return None
+    write_genai_files(out, cfg, None, OPT_MODEL, {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
+                                                  "graph_optimization_level": "ORT_DISABLE_ALL"})
+    for name in src["files"][1:]:
+        shutil.copy2(onnx_dir / name, out / name)
+    return {"config": GENAI_CONFIG, "files": src["files"]}
 
 
 class OrtEngine:
