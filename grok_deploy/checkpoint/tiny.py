@@ -6,7 +6,6 @@ release (int8 with bf16 per-column scales, 8 K-block scales for the row-parallel
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

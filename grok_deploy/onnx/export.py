@@ -14,6 +14,7 @@ the float32 reference are the INT8_* constants below (tests/test_ort_engine.py).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,7 +126,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
 def cli_export_onnx(args) -> int:
     from grok_deploy.safe_files import lock
 
-    with lock(Path(args.out).resolve().parent, f"grok-deploy export-onnx {args.out}"):
+    with lock(Path(os.path.abspath(args.out)).parent, f"grok-deploy export-onnx {args.out}"):
         man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None))
     gb = man["files"]["model.onnx.data"]["bytes"] / 1e9
     print(f"wrote {args.out}/model.onnx ({man['preset']}, quant {man['quant']}, {gb:.2f} GB of weights, "

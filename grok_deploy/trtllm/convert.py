@@ -495,7 +495,7 @@ def _manifest(src, ckpt, m: Mapping, quant, dtype, requant, workers, t0, config_
 def cli_convert(args) -> int:
     from grok_deploy.safe_files import lock
 
-    with lock(Path(args.out).resolve().parent, f"grok-deploy convert {args.out}"):
+    with lock(Path(os.path.abspath(args.out)).parent, f"grok-deploy convert {args.out}"):
         man = convert(args.ckpt, args.out, args.tp, args.moe_tp, args.moe_ep, args.pp, args.quant,
                       args.dtype, args.workers, progress=True, preset=getattr(args, "preset", None))
     mp = man["mapping"]
