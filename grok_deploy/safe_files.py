@@ -268,8 +268,3 @@ def open_generated(path: str | Path, what: str, mode: str = "w") -> IO:
         raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "replace"}))
 
-
-def is_generated(path: str | Path) -> bool:
-    """`path` exists and is a file we generated there."""
-    return os.path.lexists(path) and replace_file_problem(path) is None
-

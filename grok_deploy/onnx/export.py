@@ -15,6 +15,7 @@ the float32 reference are the INT8_* constants below (tests/test_ort_engine.py).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,7 @@ def cli_export_onnx(args) -> int:
     from grok_deploy.errors import space_errors
     from grok_deploy.safe_files import lock
 
-    root = Path(args.out).resolve().parent
+    root = Path(os.path.abspath(args.out)).parent
     with space_errors(root, None, "the lock file"), lock(root, f"grok-deploy export-onnx {args.out}"):
         man = export_onnx(args.ckpt, args.out, args.quant, getattr(args, "preset", None),
                           graph=getattr(args, "graph", "fused"))

@@ -405,7 +405,7 @@ def cli_convert(args) -> int:
         from grok_deploy.trtllm.compat import W8A16_FLOAT32
 
         raise UserError(f"--dtype: {W8A16_FLOAT32}")
-    with lock(Path(args.out).resolve().parent, f"grok-deploy convert {args.out}"):
+    with lock(Path(os.path.abspath(args.out)).parent, f"grok-deploy convert {args.out}"):
         man = convert(args.ckpt, args.out, args.tp, args.moe_tp, args.moe_ep, args.pp, args.quant,
                       args.dtype, args.workers, progress=True, preset=getattr(args, "preset", None))
     mp = man["mapping"]

@@ -13,7 +13,7 @@ import pytest
 
 from data_loss_shapes import SHAPES, snapshot
 from grok_deploy.cli import main
-from grok_deploy.manifest import MARK, new_tmp
+from grok_deploy.manifest import new_tmp
 from rel_helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
