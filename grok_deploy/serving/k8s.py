@@ -80,6 +80,11 @@ def leader_script(cfg) -> str:
     s, per_node = cfg.server, cfg.world_size // cfg.hardware.nodes
     argv = mpirun_command(cfg.output("triton_repo"), cfg.world_size, address="0.0.0.0", grpc_port=s.grpc_port,
                           http_port=s.http_port, metrics_port=s.metrics_port, hostfile=HOSTFILE)
+    if s.openai_port is not None:  # the image is the TensorRT-LLM container: its OpenAI frontend is rank 0
+        from grok_deploy.serving.openai_frontend import frontend_argv, replace_leader
+
+        argv = replace_leader(argv, "tritonserver", frontend_argv(cfg.output("triton_repo"), "0.0.0.0",
+                                                                  s.openai_port, s.grpc_port, s.http_port))
     # LWS_LEADER_ADDRESS = <lws>-<group>.<lws>.<namespace>; worker i is <lws>-<group>-<i>.<lws>.<namespace>
     return "\n".join([
         "set -eu",
@@ -106,9 +111,14 @@ def _pod(cfg, image: str, role: str, command: list[str], volume_claim: str, ssh_
         container["ports"] = [{"name": "grpc", "containerPort": s.grpc_port},
                               {"name": "http", "containerPort": s.http_port},
                               {"name": "metrics", "containerPort": s.metrics_port}]
-        # ready = Triton's gRPC health service says SERVING: every model loaded on every rank
-        container["readinessProbe"] = {"grpc": {"port": s.grpc_port}, "periodSeconds": 10, "failureThreshold": 3}
-        container["startupProbe"] = {"grpc": {"port": s.grpc_port}, "periodSeconds": 10,
+        # ready = Triton's gRPC health service says SERVING: every model loaded on every rank; with the
+        # OpenAI frontend as rank 0, its /health/ready (it answers once Triton in it is ready)
+        probe = {"grpc": {"port": s.grpc_port}}
+        if s.openai_port is not None:
+            container["ports"].append({"name": "openai", "containerPort": s.openai_port})
+            probe = {"httpGet": {"path": "/health/ready", "port": s.openai_port}}
+        container["readinessProbe"] = {**probe, "periodSeconds": 10, "failureThreshold": 3}
+        container["startupProbe"] = {**probe, "periodSeconds": 10,
                                      "failureThreshold": max(1, int(s.startup_timeout_s // 10))}
     else:
         container["ports"] = [{"name": "ssh", "containerPort": 22}]
@@ -152,6 +162,8 @@ def manifests(cfg, image: str = DEFAULT_IMAGE, name: str = "grok-1", volume_clai
                            {"name": "http", "port": s.http_port, "targetPort": s.http_port},
                            {"name": "metrics", "port": s.metrics_port, "targetPort": s.metrics_port}]},
     }
+    if s.openai_port is not None:
+        service["spec"]["ports"].append({"name": "openai", "port": s.openai_port, "targetPort": s.openai_port})
     return [lws, service]
 
 

@@ -134,3 +134,20 @@ def test_deploy_runs_the_frontend_in_rank_0s_place(tiny_ckpt, tmp_path, monkeypa
         assert args["tokenizer"] == str(repo.resolve() / "preprocessing" / "tokenizer")
         proc = s.proc
     assert proc.poll() is not None and not of.is_ready("127.0.0.1", port)  # stopped with the server
+
+
+def test_kubernetes_leader_runs_the_frontend(tmp_path):
+    from grok_deploy.pipeline.schema import load_pipeline
+    from grok_deploy.serving import k8s
+
+    cfg = load_pipeline(Path(__file__).parents[2] / "pipelines" / "grok-1-a100x2.yaml")
+    cfg.server.openai_port = 9000
+    lws, service = k8s.manifests(cfg)
+    leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    script = leader["command"][-1].splitlines()[-1]
+    contexts = script.split(" : ")
+    assert str(of.FRONTEND_MAIN) in contexts[0] and "--openai-port 9000" in contexts[0]
+    assert len(contexts) == cfg.world_size and all("tritonserver" in c for c in contexts[1:])
+    assert {"name": "openai", "containerPort": 9000} in leader["ports"]
+    assert leader["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": 9000}
+    assert {"name": "openai", "port": 9000, "targetPort": 9000} in service["spec"]["ports"]

@@ -315,3 +315,26 @@ def test_bench_on_the_bls_counts_tokens(served, tiny_ckpt, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert [r["output_tokens"] for r in doc["results"]] == [8 * doc["output_tokens"]] * 2
     assert doc["token_count"] == "num_output_tokens of the streamed responses"
+
+
+@pytest.mark.server
+@pytest.mark.timeout(300)
+def test_bls_with_accumulate_tokens(tiny_ckpt, tiny_model, tiny_tokenizer, tmp_path):
+    """triton.bls_accumulate_tokens: true: every streamed response is the whole text so far; the
+    token counts still add up, and client.query reads the parameter from the model's config."""
+    from serving_fixtures import make_repo, start_server
+
+    cfg, repo = make_repo(tmp_path, tiny_ckpt, extra="triton:\n  bls_accumulate_tokens: true\n")
+    server = start_server(cfg, repo)
+    try:
+        ids = tiny_tokenizer.encode(TEST_PROMPT)
+        want = generate(tiny_model, [ids], 10).output_ids[0]
+        chunks = list(stream_request(server.grpc_url, "tensorrt_llm_bls", openai_request(
+            TEST_PROMPT, True, 10, temperature=0.0, exclude_input_in_output=True)))
+        texts = [r.as_numpy("text_output")[0].decode() for r in chunks]
+        assert texts[-1] == tiny_tokenizer.decode(want) and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        assert usage(chunks) == (len(ids), len(want))
+        got = query(server.grpc_url, TEST_PROMPT, 10, stream=True, model="tensorrt_llm_bls", end_id=-1)
+        assert got["text"] == tiny_tokenizer.decode(want)
+    finally:
+        server.stop()

@@ -76,10 +76,9 @@ UNSUPPORTED = {"beam_width": 1, "num_return_sequences": 1, "return_context_logit
                "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 UNSUPPORTED_TENSORS = ("prompt_embedding_table", "lora_task_id", "lora_weights", "lora_config",
                        "draft_input_ids", "draft_logits", "encoder_input_features", "context_phase_params")
-# accepted and ignored: KV-cache retention ranks reusable blocks for eviction; this engine keeps one
-# private slot per sequence and reuses nothing, so there is nothing to rank
-RETENTION = ("retention_token_range_starts", "retention_token_range_ends", "retention_token_range_priorities",
-             "retention_token_range_durations_ms", "retention_decode_priority", "retention_decode_duration_ms")
+# accepted and not read: the KV-cache retention inputs (retention_token_range_*, retention_decode_*)
+# rank reusable blocks for eviction; this engine keeps one private slot per sequence and reuses
+# nothing, so there is nothing to rank
 # accepted, refused with INVALID_ARG only when actually asked for (a non-empty value): the
 # backend's own answers when the model instance has no guided decoder / lookahead configuration
 NOT_CONFIGURED = {
