@@ -33,7 +33,8 @@ def test_one_core_estimates_are_longer_than_two(tmp_path, capsys, monkeypatch):
     one, two = docs[1], docs[2]
     assert (one["host"]["cores"], two["host"]["cores"]) == (1, 2)
     assert one["host_assumed"].startswith("1 usable core (os.sched_getaffinity), disk reads at 0.70 GB/s (assumed: "
-                                          "the reference host's; no checkpoint to measure yet (set hardware.disk_read_gbps)), "
+                                          "the reference host's; no checkpoint to measure yet "
+                                          "(set hardware.disk_read_gbps)), "
                                           "a quiet host")
     # the disk part is the same on both; everything else takes twice as long on one core
     assert one["verify"]["seconds"] > 1.8 * two["verify"]["seconds"]  # scoring is mostly matmuls
@@ -51,7 +52,8 @@ def test_a_large_host_is_faster_up_to_the_core_cap(tmp_path, capsys, monkeypatch
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=n: set(range(n)))
         docs[n] = h100_plan(tmp_path, capsys, "  disk_read_gbps: 7\n")
     assert {k: v for k, v in docs[128]["host"].items() if k != "load_average"} == {
-        "cores": 128, "cores_how": "os.sched_getaffinity", "disk_read_bytes_per_s": 7e9, "disk_how": "hardware.disk_read_gbps"}
+        "cores": 128, "cores_how": "os.sched_getaffinity", "disk_read_bytes_per_s": 7e9,
+        "disk_how": "hardware.disk_read_gbps"}
     assert docs[128]["host"]["load_average"] == pytest.approx(os.getloadavg()[0], abs=20)
     for key in ("verify", "check_shards"):
         assert docs[128][key]["seconds"] == docs[32][key]["seconds"] < docs[16][key]["seconds"], key  # the cap
@@ -76,12 +78,15 @@ def test_the_disk_rate_is_measured_once_and_cached(tmp_path, monkeypatch):
     (ckpt / "tensor00000_000").write_bytes(os.urandom(1 << 20) * 80)  # 80 MB
     (ckpt / "tensor00001_000").write_bytes(b"x" * 100)
     bps, how = host.disk_rate(tmp_path / "ckpt")
-    assert bps > 10e6 and how.startswith(f"measured now on {ckpt / 'tensor00000_000'}, 84 MB read with O_DIRECT, cached in ")
+    assert bps > 10e6
+    assert how.startswith(f"measured now on {ckpt / 'tensor00000_000'}, 84 MB read with O_DIRECT, cached in ")
     cached = json.loads(host.cache_file().read_text())
     entry = cached[str(os.stat(tmp_path / "ckpt").st_dev)]
-    assert entry["bytes_per_s"] == bps and entry["bytes"] == (80 << 20) + 100 and entry["file"] == str(ckpt / "tensor00000_000")
+    assert entry["bytes_per_s"] == bps and entry["bytes"] == (80 << 20) + 100
+    assert entry["file"] == str(ckpt / "tensor00000_000")
     (ckpt / "tensor00000_000").unlink()  # a second look reads nothing: the cached figure
-    assert host.disk_rate(tmp_path / "ckpt") == (bps, f"measured on {ckpt / 'tensor00000_000'}, cached in {host.cache_file()}")
+    assert host.disk_rate(tmp_path / "ckpt") == (
+        bps, f"measured on {ckpt / 'tensor00000_000'}, cached in {host.cache_file()}")
     assert host.disk_rate(tmp_path / "ckpt", 3.5) == (3.5e9, "hardware.disk_read_gbps")
 
 
@@ -95,12 +100,13 @@ def test_nothing_to_measure_is_the_reference_rate(tmp_path, monkeypatch):
     assert not host.cache_file().exists()
 
 
-def test_plan_says_when_the_host_is_loaded():
-    quiet, busy = host.Host(2, 0.7e9, load=1.5), host.Host(2, 0.7e9, load=13.0)
+def test_plan_says_when_the_host_is_loaded(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    quiet, busy = host.Host(2, 0.7e9, load=1.5), host.Host(1, 0.7e9, load=13.0)
     assert quiet.describe() == ("2 usable cores (os.sched_getaffinity), disk reads at 0.70 GB/s (reference host), "
                                 "a quiet host")
-    assert busy.describe().endswith("a quiet host; the load average is 13.0 on 2 cores now: while it lasts the compute "
-                                    "takes ~6.5x as long")
+    assert busy.describe().endswith("a quiet host; the load average is 13.0 on this machine's 2 cores now: while it "
+                                    "lasts the compute takes ~6.5x as long")
 
 
 def test_usable_cores_follow_the_affinity_mask(monkeypatch):

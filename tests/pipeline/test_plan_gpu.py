@@ -75,14 +75,16 @@ def test_the_memory_table_shows_the_unquantised_alternative(tmp_path, capsys):
     code, out, err = plan(pipeline(tmp_path, gpu_line("b200")), capsys, json_out=False)
     assert code == 2 and err.startswith("error: grok-1.yaml line 20: quantization: w8a16 on NVIDIA B200")
     assert "  total               62.68 GB  of 192 GB;" in out
-    assert "  unquantised bfloat16: weights 80.55 GB, total 102.03 GB of 192 GB: fits (W8A16 cannot be built on this GPU)" in out
+    assert ("  unquantised bfloat16: weights 80.55 GB, total 102.03 GB of 192 GB: fits (W8A16 cannot be built on "
+            "this GPU)") in out
     assert "GPU: NVIDIA B200 (hardware.gpu: b200 (grok-1.yaml line 59)), compute capability 10.0" in out
 
 
 @pytest.mark.parametrize("key,name", [("gb200", "NVIDIA GB200"), ("b300", "NVIDIA B300"), ("gb300", "NVIDIA GB300")])
 def test_every_sm_10x_generation_is_refused(tmp_path, capsys, key, name):
     code, doc, err = plan(pipeline(tmp_path, gpu_line(key)), capsys)
-    assert code == 2 and err.startswith(f"error: grok-1.yaml line 20: quantization: w8a16 on {name} (compute capability 10.")
+    assert code == 2
+    assert err.startswith(f"error: grok-1.yaml line 20: quantization: w8a16 on {name} (compute capability 10.")
 
 
 @pytest.mark.parametrize("key,memory,bandwidth", [("h100", 80e9, 3350e9), ("h200", 141e9, 4800e9),
@@ -98,7 +100,8 @@ def test_w8a16_is_accepted_below_sm_100_and_from_sm_120(tmp_path, capsys, key, m
 def test_unquantised_on_b200_is_planned_without_a_refusal(tmp_path, capsys):
     code, doc, err = plan(pipeline(tmp_path, gpu_line("b200"), ("quantization: w8a16", "quantization: none")), capsys)
     assert code == 0 and doc["fits"] is True
-    assert doc["memory"]["weights_bytes"] == pytest.approx(80.5e9, abs=0.1e9) and doc["memory"]["gpu_memory_bytes"] == 192e9
+    assert doc["memory"]["weights_bytes"] == pytest.approx(80.5e9, abs=0.1e9)
+    assert doc["memory"]["gpu_memory_bytes"] == 192e9
 
 
 def test_a_written_memory_key_wins_over_the_table(tmp_path, capsys):
