@@ -189,3 +189,17 @@ def test_every_shipped_trtllm_pipeline_pins_1_2_1():
     for f in shipped:
         cfg = load_pipeline(f)
         assert cfg.engine.backend == "trtllm" and cfg.engine.trtllm_version == "1.2.1", f.name
+
+
+@pytest.mark.timeout(300)
+def test_run_refuses_w8a16_on_b200_before_converting(tmp_path, capsys):
+    f = tmp_path / "pipeline.yaml"
+    f.write_text("model:\n  preset: grok-1-tiny\nparallel:\n  tp: 2\nquantization: w8a16\nengine:\n  backend: trtllm\n"
+                 "hardware:\n  gpu: b200\nverify:\n  check_shards: false\n")
+    assert main(["run", str(f), "--stages", "source,convert"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: pipeline.yaml line 5: quantization: w8a16 on NVIDIA B200 (compute capability 10.0): "
+                          "TensorRT-LLM 1.2.1's builder refuses INT8/INT4 weight-only")
+    assert err.endswith("use quantization: none with dtype: bfloat16 (`grok-deploy plan` shows whether it fits)")
+    assert (tmp_path / "export" / "source" / "manifest.json").is_file()  # the stage before ran
+    assert not (tmp_path / "export" / "trtllm_ckpt").exists() and not list((tmp_path / "export").glob("trtllm_ckpt*"))
