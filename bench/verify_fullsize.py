@@ -9,7 +9,9 @@ codes with bf16 scales sized so activations stay sane), then, each in its own pr
 2. converts it at tp 8 W8A16 and runs the streamed check-shards (8 gloo ranks);
 and prints, in one run: peak RSS of each (the scorer's own; the shard check's whole process tree,
 sampled), seconds per layer, bytes read per layer, the extrapolation to 64 layers, and plan's
-64-layer estimate beside it. Targets: scoring <= 4 GB, shard check <= 12 GB in all, plan within 30%.
+64-layer estimate beside it, for this host (its usable cores, the disk rate measured on the
+written checkpoint: host.py), with the load average before and after (the estimates are for a
+quiet host). Targets: scoring <= 4 GB, shard check <= 12 GB in all, plan within 30%.
 
     .venv/bin/python bench/verify_fullsize.py [--dir /tmp] [--dtype bfloat16] [--keep]
 """
@@ -159,6 +161,7 @@ def main() -> int:
     if args.make:
         make_checkpoint(Path(args.make))
         return 0
+    from grok_deploy import host as host_mod
     from grok_deploy.model.config import PRESETS
     from grok_deploy.pipeline.schema import load_pipeline
     from grok_deploy.trtllm.check_shards import check_estimate
@@ -176,18 +179,25 @@ def main() -> int:
                        check=True)
         size = sum(p.stat().st_size for p in (work / "src" / "ckpt-0").iterdir())
         print(f"checkpoint: {size / GB:.2f} GB in {time.perf_counter() - t0:.0f} s ({work / 'src'})", flush=True)
+        os.sync()
+        got = host_mod.measure_disk(work / "src")
+        host = host_mod.Host(host_mod.usable_cores(), got["bytes_per_s"] if got else host_mod.REF_DISK_BPS,
+                             disk_how=f"measured on the checkpoint: {got}" if got else "reference")
+        print(f"host: {host.describe()}; load average {os.getloadavg()}", flush=True)
         print(f"score: {drop_caches()}", flush=True)
         sc, sc_peak, sc_wall = run_child(SCORE, {"ckpt": str(work / "src"), "cfg": CFG, "tokens": tokens,
                                                  "served": SERVED, "dtype": args.dtype})
         per_layer = sum(sc["layer_seconds"]) / len(sc["layer_seconds"])
         rest = sc["seconds"] - sum(sc["layer_seconds"])  # embedding + unembedding
-        est = score_estimate(PRESETS["grok-1"], args.dtype, tokens, SERVED)
+        est = score_estimate(PRESETS["grok-1"], args.dtype, tokens, SERVED, host=host)
         bench64 = 64 * per_layer + rest
         print(f"score ({args.dtype}, {len(tokens)} prompts x {SERVED} served tokens, {sc['tokens']} tokens a layer): "
               f"peak RSS {sc['peak_rss_bytes'] / GB:.2f} GB (sampled {sc_peak / GB:.2f} GB), "
               f"{per_layer:.1f} s and {sc['layer_bytes'][0] / GB:.2f} GB read per layer, "
               f"embedding+unembedding {rest:.1f} s, wall {sc_wall:.0f} s", flush=True)
         against_plan("score", bench64, est, f", {64 * sc['layer_bytes'][0] / GB:.0f} GB read")
+        print(f"score: plan's estimate per layer {est['seconds_per_layer']:.1f} s vs bench {per_layer:.1f} s "
+              f"(ratio {est['seconds_per_layer'] / per_layer:.2f}); load average now {os.getloadavg()}", flush=True)
         if args.skip_check:
             return 0
         _, conv_peak, conv_wall = run_child(CHECK, {"ckpt": str(work / "src"), "out": str(work / "trt"), "cfg": CFG,
@@ -204,7 +214,7 @@ def main() -> int:
         layer_ck = sum(parts.values())
         fixed = ck["seconds"] - CFG["num_layers"] * layer_ck  # embedding, lm_head, process starts
         ck64 = fixed + 64 * layer_ck
-        plan_ck = check_estimate(PRESETS["grok-1"], Mapping(8), "w8a16")
+        plan_ck = check_estimate(PRESETS["grok-1"], Mapping(8), "w8a16", host)
         print(f"check-shards tp 8: ok {ck['ok']}, max |logit diff| {ck['max_abs_logit_diff']:.2e} (tolerance "
               f"{ck['tolerance']:.1e}), quantisation logit change {ck['quantization']['logit_change']:.3e}, "
               f"max rel weight error {ck['quantization']['max_rel_weight_error']:.2e}", flush=True)

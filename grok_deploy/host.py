@@ -44,6 +44,7 @@ class Host:
     disk_bps: float
     cores_how: str = "os.sched_getaffinity"
     disk_how: str = "reference host"
+    load: float | None = None  # the 1-minute load average when measured (the estimates are for a quiet host)
 
     def scale(self, ref_seconds: float, read_bytes: float = 0.0) -> float:
         """Seconds here of work that took `ref_seconds` on the reference host, `read_bytes` of
@@ -52,12 +53,17 @@ class Host:
         return read_bytes / self.disk_bps + compute * REF_CORES / min(self.cores, MAX_CORES)
 
     def describe(self) -> str:
-        return (f"{self.cores} usable core{'s' if self.cores != 1 else ''} ({self.cores_how}), disk reads at "
-                f"{self.disk_bps / 1e9:.2f} GB/s ({self.disk_how})")
+        text = (f"{self.cores} usable core{'s' if self.cores != 1 else ''} ({self.cores_how}), disk reads at "
+                f"{self.disk_bps / 1e9:.2f} GB/s ({self.disk_how}), a quiet host")
+        machine = os.cpu_count() or self.cores  # the load average counts the whole machine's run queue
+        if self.load is not None and self.load > machine:  # measured: load ~12.6 on 2 cores, 6.3x the compute
+            text += (f"; the load average is {self.load:.1f} on this machine's {machine} cores now: while it lasts "
+                     f"the compute takes ~{self.load / machine:.1f}x as long")
+        return text
 
     def to_dict(self) -> dict:
         return {"cores": self.cores, "cores_how": self.cores_how, "disk_read_bytes_per_s": self.disk_bps,
-                "disk_how": self.disk_how}
+                "disk_how": self.disk_how, "load_average": self.load}
 
 
 REFERENCE = Host(REF_CORES, REF_DISK_BPS, "reference host", "reference host")
@@ -122,6 +128,15 @@ def measure_disk(folder: Path) -> dict | None:
     files = _largest_files(folder)
     if sum(p.stat().st_size for p in files) < MIN_BYTES:
         return None
+    for p in files:  # pages still being written back would be timed as reads (a checkpoint just made)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
     t0 = time.perf_counter()
     deadline, done = t0 + MEASURE_SECONDS, 0
     for p in files:
@@ -153,7 +168,8 @@ def disk_rate(folder: Path | None, configured_gbps: float | None = None) -> tupl
         return float(entry["bytes_per_s"]), f"measured on {entry.get('file')}, cached in {cache}"
     got = measure_disk(Path(folder))
     if got is None:
-        return REF_DISK_BPS, f"assumed: the reference host's; {folder} is too small to measure (set hardware.disk_read_gbps)"
+        return REF_DISK_BPS, (f"assumed: the reference host's; {folder} is too small to measure "
+                              "(set hardware.disk_read_gbps)")
     known[key] = {**got, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -169,4 +185,8 @@ def disk_rate(folder: Path | None, configured_gbps: float | None = None) -> tupl
 def current(folder: Path | None = None, configured_gbps: float | None = None) -> Host:
     """This host: its usable cores and the disk rate of `folder` (see disk_rate)."""
     bps, how = disk_rate(folder, configured_gbps)
-    return Host(usable_cores(), bps, "os.sched_getaffinity", how)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return Host(usable_cores(), bps, "os.sched_getaffinity", how, load)

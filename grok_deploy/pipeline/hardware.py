@@ -22,7 +22,8 @@ def resolve_gpu(cfg, detected: gpus.Detected | None) -> dict:
     mem = hw.gpu_memory_gb * GB if mem_key else entry.memory_gb * GB
     bw = hw.hbm_bandwidth_gbps * GB if bw_key else entry.bandwidth_gbps * GB
     name, cap = (entry.name, entry.compute_cap) if entry else (None, None)
-    how = f"hardware.gpu: {hw.gpu} ({cfg.at('hardware.gpu')})" if entry else "hardware.gpu_memory_gb and hbm_bandwidth_gbps"
+    how = (f"hardware.gpu: {hw.gpu} ({cfg.at('hardware.gpu')})" if entry
+           else "hardware.gpu_memory_gb and hbm_bandwidth_gbps")
     source = (f"hardware.gpu_memory_gb {hw.gpu_memory_gb:g} GB ({cfg.at('hardware.gpu_memory_gb')})" if mem_key
               else f"the {entry.memory_gb:g} GB of {entry.name} (hardware.gpu: {hw.gpu}, {cfg.at('hardware.gpu')})")
     warnings, key = [], hw.gpu

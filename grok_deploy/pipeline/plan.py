@@ -298,12 +298,14 @@ def render(doc: dict, cfg: PipelineConfig) -> str:
                      f"{alt['weights_bytes'] / 1e9:.2f} GB, total {alt['total_bytes'] / 1e9:.2f} GB of "
                      f"{alt['gpu_memory_bytes'] / 1e9:.0f} GB: {'fits' if alt['fits'] else 'does not fit'} "
                      f"(W8A16 cannot be built on this GPU)")
-    lines += [f"GPU: {doc['gpu']['name'] or 'unnamed'} ({doc['gpu']['how']}), compute capability "
-              f"{doc['gpu']['compute_capability'] or 'unknown'}",
+    g = doc["gpu"]
+    lines += [f"GPU: {g['name']} ({g['how']}), compute capability {g['compute_capability'] or 'unknown'}" if g["name"]
+              else f"GPU: not named (memory and bandwidth from {g['how']}; hardware.gpu names one)",
               f"decode roofline: {roof['active_weight_bytes_per_token'] / 1e9:.3f} GB active weights per token per rank "
               f"/ {roof['hbm_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> <= {roof['tokens_per_s_upper_bound']:.0f} tokens/s per sequence"]
     v = doc["verify"]
-    lines += [f"estimates for this host: {doc['host_assumed']}", f"verify: mode {v['mode']} ({v['why']}); {cfg.verify.reference_dtype} reference peak ~{v['peak_bytes'] / 1e9:.1f} GB "
+    lines.append(f"estimates for this host: {doc['host_assumed']}")
+    lines += [f"verify: mode {v['mode']} ({v['why']}); {cfg.verify.reference_dtype} reference peak ~{v['peak_bytes'] / 1e9:.1f} GB "
               f"host memory, ~{_duration(v['seconds'])} for {v['prompts']} prompts x {v['max_tokens']} tokens"
               + (f" ({v['seconds_per_layer']:.1f} s and {v['bytes_per_layer'] / 1e9:.2f} GB read per layer)"
                  if v["mode"] == "score" else "")]

@@ -93,8 +93,15 @@ def run_reference(ctx: StageContext) -> dict:
 
 def run_convert(ctx: StageContext) -> dict:
     from grok_deploy import progress
+    from grok_deploy.errors import UserError
+    from grok_deploy.pipeline.hardware import int8_refusal, resolve_gpu
+    from grok_deploy.trtllm import gpus
     from grok_deploy.trtllm.convert import convert
 
+    # an int8 checkpoint the GPU's TensorRT-LLM builder refuses: stop before it is written (plan: the fit)
+    refusal = int8_refusal(ctx.cfg, resolve_gpu(ctx.cfg, gpus.detect()), None)
+    if refusal:
+        raise UserError(f"{refusal} (`grok-deploy plan` shows whether it fits)")
     p = ctx.cfg.parallel
     return convert(_checkpoint(ctx), ctx.out, tp=p.tp, moe_tp=p.moe_tp, moe_ep=p.moe_ep, pp=p.pp,
                    quant=ctx.cfg.quantization, dtype=ctx.cfg.dtype, progress=progress.enabled(),

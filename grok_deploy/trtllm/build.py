@@ -164,7 +164,7 @@ def check_buildable(config: dict, version: str) -> None:
     gpu = gpus.detect()
     problem = gpu and gpus.int8_problem(quant, gpu.name, gpu.sm, config["dtype"])
     if problem:
-        raise UserError(f"{problem} (then convert again; `grok-deploy plan` shows the memory it needs)")
+        raise UserError(f"quantization {problem} (then convert again; `grok-deploy plan` shows the memory it needs)")
     problems = compat.size_problems(model_sizes(config), config["mapping"]["tp_size"], quant, version)
     if problems:
         raise UserError(f"TensorRT-LLM {version} cannot build this checkpoint: {'; '.join(problems)}; "
@@ -257,7 +257,8 @@ def preprocess(src, out) -> dict:
     trtllm, why = _import_trtllm()
     if trtllm is None:
         raise UserError(f"preprocess needs a GPU host with TensorRT-LLM ({why}): the int8 layout of "
-                        "torch.ops.trtllm.preprocess_weights_for_mixed_gemm depends on the GPU and the version")
+                        "torch.ops.trtllm.preprocess_weights_for_mixed_gemm depends on the GPU and the version; "
+                        f"there use TensorRT-LLM {compat.ASSUMED}: {compat.USE}")
     version = str(getattr(trtllm, "__version__", None))
     check_buildable(config, version)
     check_space(out, sum(f["bytes"] for f in manifest.get("files", {}).values()),
@@ -302,12 +303,13 @@ def build_trtllm(ckpt_dir, out, engine_opts: dict | None = None, args: list[str]
     version = getattr(trtllm, "__version__", None) if trtllm else None
     if trtllm is not None:
         check_buildable(config, str(version))
-    cmd = trtllm_build_command(build_ckpt, work / "engine", opts, _trtllm_exe() if trtllm else None, version)
+    cmd = trtllm_build_command(build_ckpt, work / "engine", opts, _trtllm_exe() if trtllm else None,
+                               version if trtllm else compat.ASSUMED)  # without it: the flags for 1.2.1
     if trtllm is None:
         pre = (f"preprocesses the int8 weights of {ckpt_dir} with torch.ops.trtllm."
                f"preprocess_weights_for_mixed_gemm into {build_ckpt}, then " if needs_preprocessing else "")
-        raise UserError(f"the trtllm backend needs a GPU host with TensorRT-LLM ({why}); there this stage "
-                        f"{pre}runs: {shlex.join(cmd)}")
+        raise UserError(f"the trtllm backend needs a GPU host with TensorRT-LLM ({why}); there, with TensorRT-LLM "
+                        f"{compat.ASSUMED} ({compat.USE}), this stage {pre}runs: {shlex.join(cmd)}")
     t0 = time.perf_counter()
     clean_stale(out)  # an earlier build's work folder whose process is gone (its mark says so)
     try:

@@ -81,7 +81,8 @@ def check_estimate(cfg, m: Mapping, quant: str, host=None) -> dict:
     rank_bytes, pass_bytes = cfg.num_layers * layer * w + emb_rank, cfg.num_layers * layer * 2
     ranks = host.scale(rank_bytes / RANKS_BPS, rank_bytes) + host.scale(START_S * m.world)
     seconds = (host.scale(audited / AUDIT_BPS, audited) + host.scale(pass_bytes / PASS_BPS, pass_bytes) + ranks
-               + host.scale(4 * emb_src / PASS_BPS, 4 * emb_src) + host.scale(START_S))  # two logits passes over the table
+               + host.scale(4 * emb_src / PASS_BPS, 4 * emb_src)  # two logits passes over the table
+               + host.scale(START_S))
     lm_slice = v // m.tp * d * 6  # a rank's lm_head slice: bf16 read + f32 copy
     parent = 0.5e9 + 3 * d * f * (1 + w) + 8192 * d * 4 * 3  # an expert's source + rank bytes, row blocks
     return {"processes": m.world + 1, "peak_bytes": int(max(parent, 0.3e9 + m.world * (RANK_BASE + lm_slice))),

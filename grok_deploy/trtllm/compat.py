@@ -10,7 +10,9 @@ Facts (issue 14, tried against TensorRT-LLM's own `GrokForCausalLM` loading path
 - from 0.14, weight-only linears pad their full in and out features up to a multiple of 64 x tp,
   so a checkpoint whose sizes are not such multiples no longer matches the parameters it loads into;
 - the soft-capped attention kernels take head sizes 128 and 256 only;
-- from 0.17 `--paged_kv_cache` is deprecated for `--kv_cache_type paged|disabled`;
+- from 0.17 `--paged_kv_cache` is deprecated for `--kv_cache_type paged|disabled` (1.x's
+  tensorrt_llm/commands/build.py, stored commit 008b2b8d: `--kv_cache_type` continuous|paged|disabled,
+  `--paged_kv_cache` "Deprecated", warned about when given);
 - 0.11-era paged context FMHA rejects the soft-cap ("Paged KV FMHA doesn't support qk_tanh_scale");
   later kernels do not, and disabling it costs KV-cache reuse and chunked context;
 - 1.3.0rc21 removed the TensorRT-engine path: no `trtllm-build`, no `tensorrt_llm.models.grok`, no
@@ -116,7 +118,10 @@ def capability_problems() -> list[str]:
     import shutil
     from importlib.machinery import PathFinder
 
-    top = importlib.util.find_spec("tensorrt_llm")  # the top level is located, never executed
+    try:
+        top = importlib.util.find_spec("tensorrt_llm")  # the top level is located, never executed
+    except (ImportError, ValueError):  # a module object without a spec
+        return []
     if top is None:
         return []
     out = []
@@ -124,8 +129,8 @@ def capability_problems() -> list[str]:
         out.append(f"trtllm-build is not on PATH: the installed TensorRT-LLM has no engine builder (removed in "
                    f"{REMOVED_IN}) or its scripts folder is not on PATH; {USE}")
     spec = top
-    for part in ("models", "grok"):
-        spec = PathFinder.find_spec(part, spec.submodule_search_locations) if spec.submodule_search_locations else None
+    for name in ("tensorrt_llm.models", "tensorrt_llm.models.grok"):
+        spec = PathFinder.find_spec(name, spec.submodule_search_locations) if spec.submodule_search_locations else None
         if spec is None:
             break
     if spec is None:

@@ -7,7 +7,8 @@ bandwidth is the HBM's peak, in GB/s. Facts:
 - TensorRT-LLM 1.2.1's builder raises "INT8/INT4 quantization is not supported on SM>=100" for
   weight-only int8/int4 (and an int8 KV cache) on SM 100-119, i.e. compute capability 10.x and
   11.x (B200, GB200, B300, GB300); 12.x (RTX Blackwell) is outside that check
-  (NVIDIA/TensorRT-LLM tensorrt_llm/builder.py, `get_sm_version() >= 100 and < 120`).
+  (NVIDIA/TensorRT-LLM tensorrt_llm/builder.py at 14e801da, a 1.x commit: `get_sm_version() >= 100
+  and get_sm_version() < 120` around the weight-only and int8-KV-cache checks).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def int8_problem(quant: str, name: str, sm: int, dtype: str, fits_unquantised: s
     if quant != "w8a16" or not NO_INT8_SM[0] <= sm < NO_INT8_SM[1]:
         return None
     alt = f"quantization: none with dtype: {dtype if dtype != 'float32' else 'bfloat16'}"
-    return (f"quantization w8a16 on {name} (compute capability {sm // 10}.{sm % 10}): TensorRT-LLM's builder "
-            f"refuses INT8/INT4 weight-only on SM 100-119 (\"INT8/INT4 quantization is not supported on "
-            f"SM>=100\"), after convert and preprocess; use {alt}"
+    return (f"w8a16 on {name} (compute capability {sm // 10}.{sm % 10}): TensorRT-LLM 1.2.1's builder refuses "
+            f"INT8/INT4 weight-only on SM 100-119 (\"INT8/INT4 quantization is not supported on SM>=100\"), after "
+            f"convert and preprocess; use {alt}"
             + (f" ({fits_unquantised})" if fits_unquantised else ""))

@@ -164,6 +164,7 @@ def score_estimate(m, dtype: str, prompt_tokens: list[int], max_tokens: int, hos
     stored = e * 3 * d * f * 1 + (2 * m.q_size * d + 2 * m.kv_size * d) + e * d * 4  # int8 + router
     flops = 2 * n * (k * 3 * d * f + 2 * m.q_size * d + 2 * m.kv_size * d) + 4 * b * t * t * m.q_size
     layer_s = host.scale(stored / READ_BPS, stored) + host.scale(flops / FLOPS)
-    unembed_s = host.scale(v * d * 4 / READ_BPS, v * d * 4) + host.scale(2 * len(prompt_tokens) * max_tokens * v * d / FLOPS)
+    unembed_s = (host.scale(v * d * 4 / READ_BPS, v * d * 4)
+                 + host.scale(2 * len(prompt_tokens) * max_tokens * v * d / FLOPS))
     return {"peak_bytes": int(peak), "seconds_per_layer": layer_s, "bytes_per_layer": int(stored),
             "seconds": m.num_layers * layer_s + unembed_s, "tokens": n}

@@ -110,7 +110,8 @@ def test_h100_in_bfloat16_does_not_fit(tmp_path, capsys):
     assert doc["verdict"].startswith("bfloat16 (no quantization) does not fit with the KV cache asked for")
     assert err.count("\n") == 1 and err.startswith("error: bfloat16 (no quantization) does not fit")
     for words in ("weights 80.5 GB", "KV cache 17.2 GB (64 x 8192 tokens x 32.0 KiB)", "headroom 4.3 GB",
-                  "= 102.0 GB per GPU", "the 80 GB of NVIDIA H100 80GB HBM3 (hardware.gpu: h100, grok-1-h100x8.yaml line ",
+                  "= 102.0 GB per GPU",
+                  "the 80 GB of NVIDIA H100 80GB HBM3 (hardware.gpu: h100, grok-1-h100x8.yaml line ",
                   "use quantization: w8a16"):
         assert words in err, words
 

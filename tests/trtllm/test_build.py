@@ -101,6 +101,9 @@ def test_without_tensorrt_llm_the_error_names_the_command(tmp_path, monkeypatch)
     assert "preprocess_weights_for_mixed_gemm" in msg and "\n" not in msg
     assert f"trtllm-build --checkpoint_dir {tmp_path}/engine.tmp-{os.getpid()}-build/checkpoint --output_dir " in msg
     assert "--moe_plugin bfloat16" in msg and "--max_batch_size 4" in msg
+    assert "--kv_cache_type paged" in msg and "--paged_kv_cache" not in msg  # 1.2.1's flags
+    assert "there, with TensorRT-LLM 1.2.1 (pip install tensorrt-llm==1.2.1, or run in the container " \
+           "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 (docs/deploy-grok-1.md)), this stage" in msg
     assert not (tmp_path / "engine").exists()
 
 
@@ -306,7 +309,7 @@ def test_w8a16_on_a_b200_is_refused_before_preprocessing(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         build.build_trtllm(tmp_path / "ckpt", tmp_path / "engine")
     msg = str(e.value)
-    assert msg.startswith("quantization w8a16 on NVIDIA B200 (compute capability 10.0): TensorRT-LLM's builder "
-                          "refuses INT8/INT4 weight-only on SM 100-119")
+    assert msg.startswith("quantization w8a16 on NVIDIA B200 (compute capability 10.0): TensorRT-LLM 1.2.1's "
+                          "builder refuses INT8/INT4 weight-only on SM 100-119")
     assert "use quantization: none with dtype: bfloat16" in msg and "\n" not in msg
     assert not (tmp_path / "engine").exists() and not list(tmp_path.glob("engine.tmp-*"))

@@ -78,7 +78,8 @@ def test_probe_names_the_missing_grok_model(tmp_path, monkeypatch):
     _fake_install(tmp_path, grok=False, build=True, monkeypatch=monkeypatch)
     problems = compat.capability_problems()
     assert len(problems) == 1
-    assert problems[0].startswith(f"tensorrt_llm.models.grok is not found in {tmp_path / 'site/tensorrt_llm/__init__.py'}: "
+    init = tmp_path / "site" / "tensorrt_llm" / "__init__.py"
+    assert problems[0].startswith(f"tensorrt_llm.models.grok is not found in {init}: "
                                   "this TensorRT-LLM has no Grok model (removed with the TensorRT-engine path in "
                                   "1.3.0rc21); pip install tensorrt-llm==1.2.1, or run in the container "
                                   "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3")
@@ -96,7 +97,9 @@ def test_probe_names_the_missing_trtllm_build(tmp_path, monkeypatch):
 def test_probe_with_both_missing_gives_two_messages(tmp_path, monkeypatch):
     _fake_install(tmp_path, grok=False, build=False, monkeypatch=monkeypatch)
     problems = compat.capability_problems()
-    assert [p.split(":")[0] for p in problems] == ["trtllm-build is not on PATH", "tensorrt_llm.models.grok is not found in " + str(tmp_path / "site/tensorrt_llm/__init__.py")]
+    init = tmp_path / "site" / "tensorrt_llm" / "__init__.py"
+    assert [p.split(":")[0] for p in problems] == ["trtllm-build is not on PATH",
+                                                   f"tensorrt_llm.models.grok is not found in {init}"]
 
 
 def test_probe_is_silent_where_nothing_is_installed(tmp_path, monkeypatch):

@@ -306,6 +306,20 @@ def test_impossible_layouts_are_user_errors(tiny_ckpt, tmp_path, capsys, argv, m
     assert not (tmp_path / "trt").exists()
 
 
+def test_w8a16_in_float32_is_refused_with_the_pipeline_schemas_words(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out" / "trt"
+    assert main(["convert", str(tiny_ckpt), str(out), "--tp", "2", "--quant", "w8a16", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --dtype: float32 with quantization w8a16: TensorRT-LLM's weight-only GEMM and MoE plugins "
+                   "have no float32 path for int8 weights; use bfloat16 (or quantization: none)\n")
+    assert not (tmp_path / "out").exists()  # nothing written, not even the output root's lock
+    # the pipeline refuses the same pair with the same words after its key and line
+    f = tmp_path / "pipeline.yaml"
+    f.write_text("quantization: w8a16\ndtype: float32\nengine:\n  backend: trtllm\n")
+    assert main(["plan", str(f)]) == 2
+    assert capsys.readouterr().err == f"error: pipeline.yaml line 2: dtype: {err.split('--dtype: ', 1)[1]}"
+
+
 @pytest.mark.timeout(120)
 def test_missing_or_truncated_source_names_the_file(tiny_ckpt, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "trt"), "--tp", "2"]) == 2
