@@ -52,8 +52,10 @@ def install_aiperf(folder: Path) -> Path:
     venv = folder / "aiperf-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     print(f"installing aiperf=={AIPERF_VERSION} into {venv} (a few minutes) ...", flush=True)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"aiperf=={AIPERF_VERSION}"],
-                   check=True)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"aiperf=={AIPERF_VERSION}"],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise SystemExit(f"pip install aiperf=={AIPERF_VERSION} failed:\n{pip.stderr[-3000:]}")
     return venv / "bin" / "aiperf"
 
 
