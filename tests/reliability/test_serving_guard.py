@@ -245,10 +245,12 @@ def test_oversized_word_lists_and_prompts_are_refused_before_scheduling(guarded,
         assert out == [want] * 4 and len(errors) == with_bad
         return took
 
-    four(False)  # warm-up: the first decode steps of a batch size are slower
-    alone, beside = four(False), four(True)
+    four(False)  # warm-up
+    runs = [(four(False), four(True)) for _ in range(3)]  # interleaved: the machine's load drifts
+    alone, beside = min(r[0] for r in runs), min(r[1] for r in runs)
     print(f"\n1,000,000 bad words: refused in {refusal_s:.2f} s; 4 good 64-token requests alone {alone:.2f} s, "
-          f"beside the refused one {beside:.2f} s ({beside / alone:.2f}x)")
+          f"beside the refused one {beside:.2f} s ({beside / alone:.2f}x; best of 3 interleaved: "
+          f"{[(round(a, 2), round(b, 2)) for a, b in runs]})")
     assert refusal_s < 10 and beside < 2 * alone + 1.0  # generous: the machine is shared and noisy
 
 
@@ -265,7 +267,8 @@ def test_a_rejected_request_does_not_slow_the_shutdown(tiny_ckpt, tmp_path):
             list(stream_request(url, "tensorrt_llm", [tensor("input_ids", [[5, 6]] * 9, np.int32),
                                                       tensor("input_lengths", [[2]] * 9, np.int32),
                                                       tensor("request_output_len", [[4]] * 9, np.int32)]))
-        for model, inputs in (("ensemble", text_in("Hi", 4)), ("tensorrt_llm", llm([5, 6], 4, stream=False))):
+        not_streamed = [tensor("text_input", [[b"Hi"]], object), tensor("max_tokens", [[4]], np.int32)]
+        for model, inputs in (("ensemble", not_streamed), ("tensorrt_llm", llm([5, 6], 4, stream=False))):
             assert "unexpected inference output 'nope'" in unknown_output(url, model, inputs)  # at once
         assert query_ids(url, [5, 6], 3)["responses"] == 1
     finally:
