@@ -161,8 +161,9 @@ def test_the_watchdog_kills_the_group_only_when_its_owner_dies(tmp_path, owner_e
     region, key = Path("/dev/shm") / f"{prefix}region", tmp_path / "server.admin-key"
     region.write_bytes(b"x")
     key.write_text("k")
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, prefix, str(key), "kill" if owner_ends == "killed" else "stop"],
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    how = "kill" if owner_ends == "killed" else "stop"
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, prefix, str(key), how], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
         child, dog = map(int, owner.stdout.readline().split())
         if owner_ends == "killed":
