@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grok_deploy.errors import UserError
-from grok_deploy.serving.guard import (ADMIN_HEADER, GRPC_ADMIN_HEADER, dead, python_stubs, restricted_args, start_watchdog,
-                                       stop_watchdog, write_secret)
+from grok_deploy.serving.guard import (ADMIN_HEADER, GRPC_ADMIN_HEADER, dead, python_stubs, restricted_args,
+                                       start_watchdog, stop_watchdog, write_secret)
 
 EXIT_TIMEOUT_S = 10  # --exit-timeout-secs: in-flight requests get this long on SIGTERM
 UNLOAD_GRACE_S = 3  # then unloading the models (no request left in flight) gets this long
@@ -217,8 +217,8 @@ def mpirun_command(repo, world_size: int, *, address: str = "127.0.0.1", grpc_po
     contexts = []
     for rank in range(world_size):
         follower = (*FOLLOWER_FLAGS, *(REMOTE_FOLLOWER_FLAGS if hostfile else ())) if rank else ()
-        contexts.append([str(binary), *server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_",
-                                                   admin_key),
+        args = server_args(repo, address, grpc_port, http_port, metrics_port, f"{shm_prefix}{rank}_", admin_key)
+        contexts.append([str(binary), *args,
                          *follower, *extra])
     return mpirun_argv(contexts, hostfile)
 

@@ -161,8 +161,9 @@ def test_the_watchdog_kills_the_group_only_when_its_owner_dies(tmp_path, owner_e
     region, key = Path("/dev/shm") / f"{prefix}region", tmp_path / "server.admin-key"
     region.write_bytes(b"x")
     key.write_text("k")
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, prefix, str(key), "kill" if owner_ends == "killed" else "stop"],
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    how = "kill" if owner_ends == "killed" else "stop"
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, prefix, str(key), how], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
         child, dog = map(int, owner.stdout.readline().split())
         if owner_ends == "killed":
@@ -186,4 +187,42 @@ def test_the_watchdog_kills_the_group_only_when_its_owner_dies(tmp_path, owner_e
         try:
             os.killpg(child, signal.SIGKILL)
         except (ProcessLookupError, UnboundLocalError):
+            pass
+
+
+LOADING_OWNER = """
+import sys, time
+from grok_deploy.pipeline.schema import load_pipeline
+from grok_deploy.serving.deploy import TritonServer
+cfg = load_pipeline(sys.argv[1])
+server = TritonServer(cfg, sys.argv[2], grpc_port=0, http_port=0, metrics_port=0)
+server.start()  # no wait: the models are loading
+print(server.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkill_of_the_owner_while_the_models_load_leaves_nothing(tiny_ckpt, tmp_path):
+    """As `run` killed during the deploy stage's start-up: tritonserver and every stub it has
+    started so far are gone within 10 s."""
+    cfg, repo = make_repo(tmp_path / "p", tiny_ckpt)
+    owner = subprocess.Popen([sys.executable, "-c", LOADING_OWNER, str(tmp_path / "p" / "pipeline.yaml"), str(repo)],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    server_pid = int(owner.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60  # kill once the first python stubs are up (loading)
+        while not python_stubs(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stubs = python_stubs(server_pid)
+        assert stubs
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        assert group_gone(server_pid, 10) and not [p for p in stubs if Path(f"/proc/{p}").exists()]
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        try:
+            os.killpg(server_pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass

@@ -76,7 +76,8 @@ def test_admin_apis_need_the_key_and_inference_does_not(guarded, tiny_model):
                 assert "This protocol is restricted" in refused(call)
         key = server.grpc_admin_headers
         c.register_system_shared_memory("mine", ours, 64, headers=key)  # with the key: accepted
-        assert [r.name for r in c.get_system_shared_memory_status(headers=key, as_json=False).regions.values()] == ["mine"]
+        status = c.get_system_shared_memory_status(headers=key, as_json=False)
+        assert [r.name for r in status.regions.values()] == ["mine"]
         c.unregister_system_shared_memory("mine", headers=key)
         settings = c.update_log_settings({"log_verbose_level": 0}, headers=key)
         assert settings.settings["log_verbose_level"].uint32_param == 0
@@ -108,7 +109,8 @@ def test_a_configured_key_is_used_and_not_written(tiny_ckpt, tmp_path):
         assert not list((tmp_path / "p").glob("*.admin-key"))
         c = grpcclient.InferenceServerClient(server.grpc_url)
         assert "restricted" in refused(lambda: c.update_log_settings({"log_verbose_level": 1}))
-        c.update_log_settings({"log_verbose_level": 0}, headers={"triton-grpc-protocol-admin-key": "my-own-admin-key-0123"})
+        key = {"triton-grpc-protocol-admin-key": "my-own-admin-key-0123"}
+        c.update_log_settings({"log_verbose_level": 0}, headers=key)
 
 
 # --- 22.4: request ids are the clients' choice ----------------------------------------------------
@@ -156,7 +158,7 @@ def test_same_request_id_on_two_streams_cancels_only_its_own(guarded, tiny_model
         a, b = two_streams(guarded.grpc_url, model, inputs, rid, cancel_after=2)
         assert 2 <= len(a) < LONG  # A was cut short
         if model == "tensorrt_llm":
-            out = [t for r in b for t in (r.as_numpy("output_ids")[0, 0].tolist() if r.as_numpy("output_ids") is not None else [])]
+            out = [t for r in b if r.as_numpy("output_ids") is not None for t in r.as_numpy("output_ids")[0, 0].tolist()]
             assert out == want
         else:
             chunks = [r.as_numpy("text_output").reshape(-1)[0] for r in b if r.as_numpy("text_output") is not None]
@@ -235,7 +237,8 @@ def test_oversized_word_lists_and_prompts_are_refused_before_scheduling(guarded,
                 list(stream_request(url, "tensorrt_llm", llm(ids, 64, bad_words_list=(million, np.int32))))
             except ServerError as e:
                 errors.append(e)
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)] + ([threading.Thread(target=bad)] if with_bad else [])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        threads += [threading.Thread(target=bad)] if with_bad else []
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -245,10 +248,12 @@ def test_oversized_word_lists_and_prompts_are_refused_before_scheduling(guarded,
         assert out == [want] * 4 and len(errors) == with_bad
         return took
 
-    four(False)  # warm-up: the first decode steps of a batch size are slower
-    alone, beside = four(False), four(True)
+    four(False)  # warm-up
+    runs = [(four(False), four(True)) for _ in range(3)]  # interleaved: the machine's load drifts
+    alone, beside = min(r[0] for r in runs), min(r[1] for r in runs)
     print(f"\n1,000,000 bad words: refused in {refusal_s:.2f} s; 4 good 64-token requests alone {alone:.2f} s, "
-          f"beside the refused one {beside:.2f} s ({beside / alone:.2f}x)")
+          f"beside the refused one {beside:.2f} s ({beside / alone:.2f}x; best of 3 interleaved: "
+          f"{[(round(a, 2), round(b, 2)) for a, b in runs]})")
     assert refusal_s < 10 and beside < 2 * alone + 1.0  # generous: the machine is shared and noisy
 
 
@@ -265,7 +270,8 @@ def test_a_rejected_request_does_not_slow_the_shutdown(tiny_ckpt, tmp_path):
             list(stream_request(url, "tensorrt_llm", [tensor("input_ids", [[5, 6]] * 9, np.int32),
                                                       tensor("input_lengths", [[2]] * 9, np.int32),
                                                       tensor("request_output_len", [[4]] * 9, np.int32)]))
-        for model, inputs in (("ensemble", text_in("Hi", 4)), ("tensorrt_llm", llm([5, 6], 4, stream=False))):
+        not_streamed = [tensor("text_input", [[b"Hi"]], object), tensor("max_tokens", [[4]], np.int32)]
+        for model, inputs in (("ensemble", not_streamed), ("tensorrt_llm", llm([5, 6], 4, stream=False))):
             assert "unexpected inference output 'nope'" in unknown_output(url, model, inputs)  # at once
         assert query_ids(url, [5, 6], 3)["responses"] == 1
     finally:

@@ -190,6 +190,8 @@ def write(tmp_path, text: str):
     ('server:\n  address: "127.0.0.1\\x00"\n', "server.address", "control characters"),
     ('server:\n  address: "::1"\n', "server.address", "IPv6"),
     ('verify:\n  prompts: ["ok", "a\\ud800b"]\n', "verify.prompts.1", "not valid Unicode"),
+    ('server:\n  admin_key: "short"\n', "server.admin_key", "5 characters; use 16 to 256 letters"),
+    ('server:\n  admin_key: "has,comma:and=equals-0123"\n', "server.admin_key", "letters, digits and . _ ~ -"),
 ])
 def test_plan_refuses_bad_addresses_and_prompts(tmp_path, yaml_text, key, message):
     r = subprocess.run([sys.executable, "-m", "grok_deploy.cli", "plan", str(write(tmp_path, yaml_text))],

@@ -174,7 +174,8 @@ class TritonPythonModel:
             if not request.request_id():
                 raise BadRequest("A request id must be provided for request cancellation")
             key = inputs.get("grok_sequence_key")  # the ensemble's postprocessing names its own sequence
-            self.scheduler.cancel(request.request_id(), None if key is None or not key.size else int(key.reshape(-1)[0]))
+            secret = None if key is None or not key.size else int(key.reshape(-1)[0])
+            self.scheduler.cancel(request.request_id(), secret)
             # decoupled: a flags-only FINAL; otherwise Triton needs a response first: an empty one
             empty = None if self.decoupled else pb_utils.InferenceResponse(output_tensors=[])
             request.get_response_sender().send(empty, flags=FINAL)
