@@ -72,7 +72,8 @@ def _long_name(command):
         argv = {"inspect": ["inspect", tmp / LONG], "generate": ["generate", tmp / LONG, "--prompt", "hi"],
                 "export-onnx": ["export-onnx", ckpt, tmp / LONG], "make-tiny": ["make-tiny", tmp / LONG],
                 "convert": ["convert", ckpt, tmp / LONG, "--tp", "2"], "plan": ["plan", tmp / LONG]}[command]
-        return argv, "(6", lambda: leftovers(tmp) == [] and os.listdir(tmp) == []
+        message = "cannot read the pipeline file (File name too long)" if command == "plan" else "the path is too long"
+        return argv, message, lambda: leftovers(tmp) == [] and os.listdir(tmp) == []
     return setup
 
 
