@@ -144,7 +144,11 @@ MAX_MESSAGE = 2000
 def one_line(message: str) -> str:
     """A user error as one readable line: newlines folded, a huge value cut."""
     message = " ".join(message.split("\n"))
-    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + f"... ({len(message)} characters)"
+    if len(message) <= MAX_MESSAGE:
+        return message
+    # cut in the middle: the start names the file or key, the end says what is wrong and what to do
+    half = MAX_MESSAGE // 2
+    return f"{message[:half]} ... ({len(message) - 2 * half} characters cut) ... {message[-half:]}"
 
 
 class Terminated(KeyboardInterrupt):

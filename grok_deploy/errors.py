@@ -54,8 +54,7 @@ def no_space(path, need: int | None, what: str) -> UserError:
     needs = (f"needs at least {need} bytes ({need / 1e6:.1f} MB)" if need is not None
              else f"needs more than the {free} bytes free")
     return UserError(f"{path}: no space left on the file system mounted at {mount_point(where)} ({free} bytes free, "
-                     f"or quota exceeded): {what} {needs}; nothing half-written was kept; free space there or "
-                     "write it elsewhere")
+                     f"or quota exceeded): {what} {needs}; free space there or write it elsewhere")
 
 
 @contextmanager

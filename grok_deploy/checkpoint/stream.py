@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from grok_deploy.checkpoint.info import check_finite
 from grok_deploy.checkpoint.xai import QuantizedWeight8bit
 from grok_deploy.model import names
 from grok_deploy.model.grok import LEAF_TO_ATTR
@@ -57,15 +58,22 @@ class CheckpointSource:
         self.ckpt, self.config = ckpt, ckpt.config
         self.bytes_read = 0
         self._stored = {i.name: _stored_bytes(i) for i in ckpt.infos()}
+        self._finite: set = set()  # what was checked for NaN/inf already (each part once, not every step)
 
-    # reading, with the stored bytes counted
+    def _checked(self, key, name: str, arr) -> np.ndarray:
+        if key not in self._finite:
+            check_finite(self.ckpt.path, name, arr)
+            self._finite.add(key)
+        return arr
+
+    # reading, with the stored bytes counted and NaN/inf refused
     def read(self, name: str) -> np.ndarray:
         self.bytes_read += self._stored[name]
-        return self.ckpt.read(name)
+        return self._checked(name, name, self.ckpt.read(name))
 
     def read_expert(self, name: str, e: int) -> np.ndarray:
         self.bytes_read += self._stored[name] // self.config.num_experts
-        return self.ckpt.read_expert(name, e)
+        return self._checked((name, e), name, self.ckpt.read_expert(name, e))
 
     def read_expert_codes(self, name: str, e: int) -> tuple[Tensor, Tensor] | None:
         """(int8 codes over a memory map, float32 scales) of expert e of a quantised leaf of the
@@ -76,11 +84,12 @@ class CheckpointSource:
         if not isinstance(raw, QuantizedWeight8bit):
             return None
         self.bytes_read += self._stored[name] // self.config.num_experts
-        return over_array(raw.weight[e]), torch.from_numpy(np.asarray(raw.scales[e], np.float32))
+        scales = self._checked((name, e), name, np.asarray(raw.scales[e], np.float32))  # int8 codes are finite
+        return over_array(raw.weight[e]), torch.from_numpy(scales)
 
     def read_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         self.bytes_read += self._stored[name] * (hi - lo) // self.config.vocab_size
-        return self.ckpt.read_rows(name, lo, hi)
+        return self._checked((name, lo, hi), name, self.ckpt.read_rows(name, lo, hi))
 
     # the WeightSource protocol
     def embedding_rows(self, ids: Tensor) -> Tensor:

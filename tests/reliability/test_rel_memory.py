@@ -211,5 +211,11 @@ def test_non_finite_weights_are_refused_by_generate_and_export(ckpt, victim, tmp
         assert code == 2 and f"{ckpt}: 1 tensors hold NaN or inf values: {KEY_W} (" in line, (args, line)
         assert "the checkpoint is corrupt, download those files again" in line
     assert not (tmp_path / "onnx").exists() and leftovers(tmp_path) == []
+    from grok_deploy.checkpoint import open_checkpoint
+    from grok_deploy.checkpoint.stream import CheckpointSource
+
+    streamed = CheckpointSource(open_checkpoint(ckpt))  # verify's score mode, check-shards' reference
+    with pytest.raises(UserError, match=f"1 tensors hold NaN or inf values: {KEY_W}"):
+        streamed.read(KEY_W)
     victim.write_bytes(saved)
     assert main(["generate", str(ckpt), "--prompt", "hello", "--max-tokens", "2"]) == 0
