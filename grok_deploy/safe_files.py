@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from grok_deploy.errors import UserError
+from grok_deploy.errors import UserError, is_no_space, no_space
 
 LOCK = ".grok-deploy.lock"
 REGISTRY = ".grok-deploy-files"  # {"made_by": "grok-deploy", "files": {name: {"bytes", "sha256"} | {"stream": what}}}
@@ -239,6 +239,8 @@ def write_generated(path: str | Path, data: bytes | str) -> Path:
             _write_atomic(path, data)
             files[path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     except OSError as e:
+        if is_no_space(e):
+            raise no_space(path, len(data), what) from None
         raise UserError(f"{path}: cannot be written ({e.strerror}); nothing was replaced") from None
     return path
 
@@ -265,6 +267,8 @@ def open_generated(path: str | Path, what: str, mode: str = "w") -> IO:
                 raise
             files[path.name] = {"stream": what}
     except OSError as e:
+        if is_no_space(e):
+            raise no_space(path, None, what) from None
         raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "replace"}))
 

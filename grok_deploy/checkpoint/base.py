@@ -11,6 +11,8 @@ from grok_deploy.errors import UserError
 from grok_deploy.model import names
 from grok_deploy.model.config import PRESETS, GrokConfig
 
+CHUNK = 1 << 24  # elements per finiteness check: 64 MiB of float32 at a time
+
 # The sizes a reader measures from tensor shapes, in the order they are reported.
 DIMS = ("vocab_size", "emb_size", "num_layers", "q_size", "kv_size", "ffn_size")
 
@@ -46,8 +48,6 @@ class Checkpoint:
 
         Drop each array (`del`) before asking for the next one to hold a single tensor at a time.
         """
-        from grok_deploy.checkpoint.info import check_finite
-
         for name in self.names():
             arr = self.read(name)
             check_finite(self.path, name, arr)
@@ -88,3 +88,30 @@ def match_config(where, found: dict[str, int], preset: str | GrokConfig | None) 
             return cfg
     raise UserError(f"{where}: tensor shapes ({shown}) match no preset ({', '.join(sorted(PRESETS))}); "
                     "pass the preset explicitly (--preset / model.preset)")
+
+
+def count_non_finite(arr) -> int:
+    """NaN and inf values in a float array (int8 codes: 0), counted CHUNK elements at a time."""
+    flat = np.asarray(arr).reshape(-1)
+    if flat.dtype.kind not in "fc" and flat.dtype.name != "bfloat16":
+        return 0
+    count = 0
+    for a in range(0, flat.size, CHUNK):
+        part = flat[a:a + CHUNK]
+        count += int(part.size - np.count_nonzero(np.isfinite(part)))
+    return count
+
+
+def check_finite(where, name: str, arr) -> None:
+    """UserError (inspect's message) when the weights `arr` of leaf `name` hold NaN or inf: every
+    command that loads weights refuses them (one NaN makes every logit NaN)."""
+    count = count_non_finite(arr)
+    if count:
+        raise UserError(non_finite_message(where, {name: count}))
+
+
+def non_finite_message(where, bad: dict[str, int]) -> str:
+    shown = ", ".join(f"{n} ({c} values)" for n, c in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"{where}: {len(bad)} tensors hold NaN or inf values: {shown}{more}; the checkpoint is corrupt, "
+            "download those files again")

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
+from grok_deploy.checkpoint.base import count_non_finite, non_finite_message
 from grok_deploy.errors import UserError
 from grok_deploy.model import names
-
-CHUNK = 1 << 24  # elements per finiteness check: 64 MiB of float32 at a time
 
 
 def describe(ckpt) -> dict:
@@ -35,18 +32,6 @@ def _float_parts(ckpt, name: str):
         yield ckpt.read(name)
 
 
-def count_non_finite(arr) -> int:
-    """NaN and inf values in a float array (int8 codes: 0), counted CHUNK elements at a time."""
-    flat = np.asarray(arr).reshape(-1)
-    if flat.dtype.kind not in "fc" and flat.dtype.name != "bfloat16":
-        return 0
-    count = 0
-    for a in range(0, flat.size, CHUNK):
-        part = flat[a:a + CHUNK]
-        count += int(part.size - np.count_nonzero(np.isfinite(part)))
-    return count
-
-
 def non_finite(ckpt) -> dict[str, int]:
     """{leaf name: number of NaN or inf values} of every leaf that has any, streamed in chunks."""
     bad: dict[str, int] = {}
@@ -55,21 +40,6 @@ def non_finite(ckpt) -> dict[str, int]:
         if count:
             bad[name] = count
     return bad
-
-
-def check_finite(where, name: str, arr) -> None:
-    """UserError (inspect's message) when the weights `arr` of leaf `name` hold NaN or inf: every
-    command that loads weights refuses them (one NaN makes every logit NaN)."""
-    count = count_non_finite(arr)
-    if count:
-        raise UserError(non_finite_message(where, {name: count}))
-
-
-def non_finite_message(where, bad: dict[str, int]) -> str:
-    shown = ", ".join(f"{n} ({c} values)" for n, c in list(bad.items())[:5])
-    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    return (f"{where}: {len(bad)} tensors hold NaN or inf values: {shown}{more}; the checkpoint is corrupt, "
-            "download those files again")
 
 
 def cli_inspect(args) -> int:

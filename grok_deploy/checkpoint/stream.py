@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from grok_deploy.checkpoint.info import check_finite
+from grok_deploy.checkpoint.base import check_finite
 from grok_deploy.checkpoint.xai import QuantizedWeight8bit
 from grok_deploy.model import names
 from grok_deploy.model.grok import LEAF_TO_ATTR

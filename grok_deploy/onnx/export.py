@@ -79,7 +79,7 @@ class _Tracked:
         return arr
 
     def _check(self, name, arr) -> None:
-        from grok_deploy.checkpoint.info import check_finite
+        from grok_deploy.checkpoint.base import check_finite
 
         check_finite(getattr(self.ckpt, "path", "the weights"), name, arr)
 
