@@ -255,6 +255,10 @@ def plan_doc(cfg: PipelineConfig) -> dict:
     gpu = {**gpu, "w8a16_refused": refusal}
     warnings = [f"{cfg.where(k)}: {path} does not exist; `run` needs it for the stages that read the source"
                 for k, path in cfg.missing_paths()] + trtllm_warnings(cfg) + problems + gpu.pop("warnings")
+    if cfg.server.openai_port is not None:
+        from grok_deploy.serving.openai_frontend import UNGUARDED
+
+        warnings.append(f"{cfg.where('server.openai_port')}: {UNGUARDED}")
     if exposed(cfg.server.address):
         warnings.append(f"{cfg.where('server.address')}: {cfg.server.address} makes the server listen on every "
                         "network interface, reachable from other machines without authentication; use 127.0.0.1 "

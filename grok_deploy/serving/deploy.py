@@ -315,6 +315,10 @@ class TritonServer:
             cmd = with_frontend(cmd, str(found.path), self.repo, self.bind, self.ports, self.openai_port,
                                 note=lambda line: print(line, file=sys.stderr, flush=True))
             self.frontend = cmd is not plain
+            if self.frontend:
+                from grok_deploy.serving.openai_frontend import UNGUARDED
+
+                print(f"warning: {UNGUARDED}", file=sys.stderr, flush=True)
         if self.key_generated:
             path = self.key_dir / f"tritonserver-{self.ports['grpc']}.admin-key"
             try:

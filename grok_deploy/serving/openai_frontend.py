@@ -55,6 +55,13 @@ def absent_note(openai_port: int) -> str:
             "host (it ships in nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3); serving without it")
 
 
+# main.py starts Triton in-process with no --grpc-restricted-protocol / --http-restricted-api
+# equivalent: with the frontend on, the admin key guards nothing on rank 0's KServe ports.
+UNGUARDED = ("Triton's OpenAI frontend starts Triton in-process without the restricted-API options, so its KServe "
+             "ports serve the shared-memory, model-repository and logging APIs to any client (no admin key); "
+             "keep server.address 127.0.0.1 or put the ports behind a proxy that drops those routes")
+
+
 def with_frontend(cmd: list[str], binary: str, repo, address: str, ports: dict, openai_port: int | None,
                   note=print) -> list[str]:
     """`cmd` with the frontend in rank 0's place when `openai_port` is set and the frontend is on

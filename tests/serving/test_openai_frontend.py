@@ -2,6 +2,7 @@
 in plan and in deploy; on this host the frontend is absent, which both say in one line."""
 from __future__ import annotations
 
+import json
 import shlex
 import urllib.request
 from pathlib import Path
@@ -65,6 +66,9 @@ def test_plan_prints_the_frontend_command(tmp_path, capsys):
     assert main(["plan", str(pipeline)]) == 0
     out = capsys.readouterr().out
     assert f"{of.FRONTEND_MAIN} --model-repository" in out and "is not on this host" in out
+    assert main(["plan", str(pipeline), "--json"]) == 0  # the admin key cannot guard the frontend's Triton
+    doc = json.loads(capsys.readouterr().out)
+    assert any(w.endswith(of.UNGUARDED) and "server.openai_port" in w for w in doc["warnings"])
 
 
 @pytest.mark.server
