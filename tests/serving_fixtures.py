@@ -13,8 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PROMPT
 
 SERVER_TIMEOUT_S = 120
+PROMPTS = [TEST_PROMPT, "Hello", "Grok-1 is a mixture of 8 experts.", "Naïve café résumé 🙂",
+           "1 2 3 4 5 6 7 8 9 10", "Once upon a time", "The cat sat on the mat", "Write a short story"]
 PIPELINE = """\
 engine:
   max_batch_size: 8
@@ -88,3 +91,10 @@ def run_sequences(engine, params: list, sinks: list, join_after: int = 0):
     finally:
         sched.close()
     return sched
+
+
+def ref(model, ids, n, **kw):
+    """The reference model's output ids for one prompt (generate's sampling when kw asks)."""
+    from grok_deploy.model.generate import generate
+
+    return generate(model, [ids], n, **kw).output_ids[0]

@@ -181,8 +181,9 @@ def over_max(paths) -> list[str]:
 
 
 def test_no_file_over_500_lines():
-    files = sorted(PKG.rglob("*.py")) + sorted((PKG.parent / "bench").glob("*.py"))
-    assert len(files) > 60
+    files = sorted(PKG.rglob("*.py")) + sorted((PKG.parent / "bench").glob("*.py")) + \
+        sorted((PKG.parent / "tests").rglob("*.py"))
+    assert len(files) > 120
     assert over_max(files) == []
 
 
