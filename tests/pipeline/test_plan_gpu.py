@@ -14,6 +14,7 @@ from grok_deploy.trtllm import compat, gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 H100 = ROOT / "pipelines" / "grok-1-h100x8.yaml"
+GPU_LINE = next(i for i, line in enumerate(H100.read_text().splitlines(), 1) if line.startswith("  gpu: "))
 
 
 def pipeline(tmp_path: Path, *edits: tuple[str, str]) -> Path:
@@ -77,7 +78,7 @@ def test_the_memory_table_shows_the_unquantised_alternative(tmp_path, capsys):
     assert "  total               62.68 GB  of 192 GB;" in out
     assert ("  unquantised bfloat16: weights 80.55 GB, total 102.03 GB of 192 GB: fits (W8A16 cannot be built on "
             "this GPU)") in out
-    assert "GPU: NVIDIA B200 (hardware.gpu: b200 (grok-1.yaml line 59)), compute capability 10.0" in out
+    assert f"GPU: NVIDIA B200 (hardware.gpu: b200 (grok-1.yaml line {GPU_LINE})), compute capability 10.0" in out
 
 
 @pytest.mark.parametrize("key,name", [("gb200", "NVIDIA GB200"), ("b300", "NVIDIA B300"), ("gb300", "NVIDIA GB300")])
@@ -118,8 +119,8 @@ def test_nvidia_smi_wins_over_hardware_gpu(tmp_path, capsys, monkeypatch):
     g = doc["gpu"]
     assert g["how"] == "nvidia-smi on this host: 8 x NVIDIA B200" and g["key"] == "b200"
     assert g["memory_bytes"] == 183359 * 2 ** 20 and g["bandwidth_bytes_per_s"] == 8000e9
-    assert any(w.startswith("grok-1.yaml line 59: hardware.gpu: h100, but nvidia-smi reports NVIDIA B200 on this host")
-               for w in doc["warnings"])
+    want = f"grok-1.yaml line {GPU_LINE}: hardware.gpu: h100, but nvidia-smi reports NVIDIA B200 on this host"
+    assert any(w.startswith(want) for w in doc["warnings"])
 
 
 def test_nvidia_smi_memory_of_an_h100(tmp_path, capsys, monkeypatch):
@@ -157,7 +158,7 @@ def test_an_unknown_hardware_gpu_is_refused_at_load(tmp_path, capsys):
     code = main(["plan", str(pipeline(tmp_path, gpu_line("h300")))])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: grok-1.yaml line 59: hardware.gpu: Input should be 'a100-40gb', 'a100',")
+    assert err.startswith(f"error: grok-1.yaml line {GPU_LINE}: hardware.gpu: Input should be 'a100-40gb', 'a100',")
     assert "'b200', 'gb200'" in err and "(got 'h300')" in err
 
 

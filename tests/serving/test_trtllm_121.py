@@ -129,10 +129,26 @@ def io(config, kind: str = "input") -> dict:
     return {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in getattr(config, kind)}
 
 
+# the python tensorrt_llm's own sequence key (issue 22.4): an extra output the ensemble routes to
+# postprocessing's optional SEQUENCE_KEY, and an optional input of `stop`, so an ensemble's cancellation
+# ends its own sequence only; the C++ backend has neither
+PYTHON_ONLY = {"grok_sequence_key": ("TYPE_UINT64", [1])}
+SEQUENCE_KEY_IN = {"SEQUENCE_KEY": ("TYPE_UINT64", [1])}
+
+
+def llm_io(config, kind: str = "input") -> dict:
+    """io() without the python-only sequence key."""
+    return {k: v for k, v in io(config, kind).items() if k not in PYTHON_ONLY}
+
+
 def test_every_model_declares_the_121_templates_io(repos):
+    assert PYTHON_ONLY.items() <= io(repos["cpu"]["tensorrt_llm"], "output").items()
+    assert PYTHON_ONLY.items() <= io(repos["cpu"]["tensorrt_llm"]).items()
+    gpu = repos["gpu"]["tensorrt_llm"]
+    assert not set(PYTHON_ONLY) & (set(io(gpu)) | set(io(gpu, "output")))
     for variant in ("cpu", "gpu"):
         c = repos[variant]
-        assert io(c["tensorrt_llm"]) == UP_LLM_IN and io(c["tensorrt_llm"], "output") == UP_LLM_OUT
+        assert llm_io(c["tensorrt_llm"]) == UP_LLM_IN and llm_io(c["tensorrt_llm"], "output") == UP_LLM_OUT
         for model, upstream in (("ensemble", UP_ENSEMBLE_IN), ("tensorrt_llm_bls", UP_BLS_IN)):
             ins = io(c[model])
             assert {k: ins[k] for k in upstream} == upstream, model
@@ -140,9 +156,10 @@ def test_every_model_declares_the_121_templates_io(repos):
             assert io(c[model], "output") == UP_TEXT_OUT, model
         assert (io(c["preprocessing"]), io(c["preprocessing"], "output")) == \
             ({**UP_PRE_IN, **EXTRA_PRE[0]}, {**UP_PRE_OUT, **EXTRA_PRE[1]})
-        assert (io(c["postprocessing"]), io(c["postprocessing"], "output")) == UP_POST
+        assert (io(c["postprocessing"]), io(c["postprocessing"], "output")) == ({**UP_POST[0], **SEQUENCE_KEY_IN},
+                                                                                 UP_POST[1])
     # the CPU stand-in and the C++ backend's config: the same names, dtypes and dims
-    assert io(repos["cpu"]["tensorrt_llm"]) == io(repos["gpu"]["tensorrt_llm"])
+    assert llm_io(repos["cpu"]["tensorrt_llm"]) == io(repos["gpu"]["tensorrt_llm"])
 
 
 def test_gpu_variant_declares_only_what_the_cpp_backend_reads(repos):
