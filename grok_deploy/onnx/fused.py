@@ -95,6 +95,33 @@ class FusedDecoderBuilder(DecoderBuilder):
         self.cos = self.weight("rope/cos_cache", cos.shape, lambda: cos)
         self.sin = self.weight("rope/sin_cache", sin.shape, lambda: sin)
 
+    def moe(self, i: int, x: str) -> str:
+        """DecoderBuilder.moe with fewer nodes per expert (8, was 10): the (token, slot) pairs are
+        the rows r = token * k + slot of the flattened top-k; expert e reads rows NonZero(idx == e)
+        of x repeated k times, and its outputs are placed at those rows. Same placement, same
+        gates, same k-term sum: equal to moe_sparse as the standard graph is."""
+        g, c = self.g, self.cfg
+        d, k = c.emb_size, c.num_selected_experts
+        p = names.layer_path(i, "")
+        router = self.weight(p + "router/w", (d, c.num_experts), lambda: self.src.read(p + "router/w"))
+        probs = g.op("Softmax", g.op("MatMul", x, router), axis=-1)  # f32 over all 8 experts
+        gates, idx = g.op("TopK", probs, g.const([k]), n_out=2, axis=-1)  # (N, k), raw gates
+        flat = g.op("Reshape", idx, g.const([-1]))  # (N k,): row r = token * k + slot
+        nk_d = g.op("Concat", g.op("Shape", flat), g.const([d]), axis=0)
+        x_rows = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", x, g.const([1])),
+                                      g.op("Concat", g.op("Shape", x, end=1), g.const([k, d]), axis=0)), nk_d)
+        rows, ys = [], []
+        for e in range(c.num_experts):
+            hit = g.op("NonZero", g.op("Equal", flat, g.const(e)))  # (1, M): the rows routed to e
+            rows.append(hit)
+            ys.append(self.expert(i, e, g.op("Gather", x_rows, hit, axis=0)))  # (1, M, D)
+        zeros = g.op("ConstantOfShape", nk_d, value=helper.make_tensor("", TensorProto.FLOAT, [1], [0.0]))
+        placed = g.op("ScatterND", zeros, g.op("Transpose", g.op("Concat", *rows, axis=1), perm=[1, 0]),
+                      g.op("Reshape", g.op("Concat", *ys, axis=1), g.const([-1, d])))  # (N k, D)
+        placed = g.op("Reshape", placed, g.op("Concat", g.op("Shape", x, end=1), g.const([k, d]), axis=0))
+        mixed = g.op("Mul", placed, g.op("Unsqueeze", gates, g.const([-1])))  # (N, k, D)
+        return g.op("ReduceSum", mixed, g.const([1]), keepdims=0)
+
     def layers(self, h: str, n_layers: int) -> str:
         c = self.cfg
         x = self.rms_norm(h, names.layer_path(0, "rms_norm/scale"))
