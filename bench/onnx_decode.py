@@ -23,8 +23,12 @@ fused prefill and batch-8 decode not slower than standard (>= 0.97x: the rounds'
     .venv/bin/python bench/onnx_decode.py [--ckpt DIR] [--tokens 16] [--prompt-len 32] [--rounds 3]
                                           [--genai] [--json] [--enforce]
 
-About 12 minutes on an idle 2-core VM: ~5 min to make the checkpoint and export/build the 4
-engines, ~1 min per round and quant. Memory: two float32 engines of grok-1-bench, ~9 GB.
+Prefill at batch 8 is the engine's: 8 prompts added one after another (genai's Generator takes the
+8 in one call). Measured on the shared 2-core VM: 7 minutes with --ckpt of an existing grok-1-bench
+checkpoint (setup 105 s, then 3 rounds and the genai rows), plus ~3 minutes to make the checkpoint
+without --ckpt. Memory: two float32 engines of grok-1-bench, ~9 GB. Rounds on a busy machine
+differ by up to +-30% (the batch-8 prefill of one graph is 8 batch-1 prefills, yet their figures
+differ that much): read the load average printed with the figures.
 """
 from __future__ import annotations
 

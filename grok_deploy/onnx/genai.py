@@ -10,8 +10,10 @@ buffer per cache as past and present, which is what GroupQueryAttention (and the
 ScatterND at position_ids) update in place. The attention mask genai passes is (B, total length):
 the graph reads its first max(position_ids) + 1 slots, which is all of it.
 
-Upstream read: microsoft/onnxruntime-genai (src/config.cpp keys; the test model writer
-test/python/... "tiny_gqa_model" genai_config) — see docs/onnx.md.
+Upstream read: an onnxruntime-genai test script that writes a tiny GroupQueryAttention decoder and
+its genai_config.json ("tiny_gqa_model"), and onnxruntime-extensions'
+operators/tokenizer/tokenizer_jsconfig.hpp (tokenizer_config.json fields, tokenizer_class -> BPE);
+the keys are checked by onnxruntime-genai 0.18 loading the folder (tests/onnx/test_genai.py).
 """
 from __future__ import annotations
 

@@ -243,7 +243,7 @@ class DecoderBuilder:
     def moe(self, i: int, x: str) -> str:
         """x (N, D) -> (N, D); each token runs its k chosen experts only."""
         g, c = self.g, self.cfg
-        d, f, k = c.emb_size, c.ffn_size, c.num_selected_experts
+        d, k = c.emb_size, c.num_selected_experts
         p = names.layer_path(i, "")
         router = self.weight(p + "router/w", (d, c.num_experts), lambda: self.src.read(p + "router/w"))
         probs = g.op("Softmax", g.op("MatMul", x, router), axis=-1)  # f32 over all 8 experts
@@ -252,15 +252,7 @@ class DecoderBuilder:
         for e in range(c.num_experts):
             hit = g.op("NonZero", g.op("Equal", idx, g.const(e)))  # (2, M): token, slot
             xe = g.op("Gather", x, g.op("Gather", hit, g.const(0), axis=0), axis=0)  # (M, D)
-
-            def wv(e=e):  # gate branch W (gets the GELU) and value branch V side by side: (D, 2F)
-                return np.concatenate([self.src.read_expert(p + "moe/linear/w", e),
-                                       self.src.read_expert(p + "moe/linear_v/w", e)], axis=1)
-
-            a, b = g.op("Split", self.linear(xe, f"{p}moe/expert_{e}/wv", d, 2 * f, wv),
-                        g.const([f, f]), n_out=2, axis=-1)
-            ys.append(self.linear(g.op("Mul", b, g.op("Gelu", a, approximate="tanh")), f"{p}moe/expert_{e}/o",
-                                  f, d, lambda e=e: self.src.read_expert(p + "moe/linear_1/w", e)))
+            ys.append(self.expert(i, e, xe))
             pairs.append(g.op("Transpose", hit, perm=[1, 0]))  # (M, 2)
         # every (token, slot) goes to exactly one expert: place the outputs, then mix with the gates
         # (a sum of k = 2 terms does not depend on the order, so this equals moe_sparse exactly)
@@ -269,6 +261,20 @@ class DecoderBuilder:
         placed = g.op("ScatterND", zeros, g.op("Concat", *pairs, axis=0), g.op("Concat", *ys, axis=0))
         mixed = g.op("Mul", placed, g.op("Unsqueeze", gates, g.const([-1])))  # (N, k, D)
         return g.op("ReduceSum", mixed, g.const([1]), keepdims=0)
+
+    def expert(self, i: int, e: int, xe: str) -> str:
+        """Expert e of layer i on its rows xe (..., D): ((x V) * gelu_tanh(x W)) O -> (..., D)."""
+        g, c = self.g, self.cfg
+        d, f = c.emb_size, c.ffn_size
+        p = names.layer_path(i, "")
+
+        def wv():  # gate branch W (gets the GELU) and value branch V side by side: (D, 2F)
+            return np.concatenate([self.src.read_expert(p + "moe/linear/w", e),
+                                   self.src.read_expert(p + "moe/linear_v/w", e)], axis=1)
+
+        a, b = g.op("Split", self.linear(xe, f"{p}moe/expert_{e}/wv", d, 2 * f, wv), g.const([f, f]), n_out=2, axis=-1)
+        return self.linear(g.op("Mul", b, g.op("Gelu", a, approximate="tanh")), f"{p}moe/expert_{e}/o",
+                           f, d, lambda: self.src.read_expert(p + "moe/linear_1/w", e))
 
     def shared(self) -> None:
         """Per-call tensors every layer uses: RoPE tables, the window, the mask, the cache slots."""

@@ -15,6 +15,7 @@ from grok_deploy.model import names
 from grok_deploy.model.config import GrokConfig
 from grok_deploy.model.grok import moe_sparse
 from grok_deploy.onnx.export import export_onnx
+from grok_deploy.onnx.fused import FusedDecoderBuilder
 from grok_deploy.onnx.graph import (
     DecoderBuilder,
     ParamSource,
@@ -100,8 +101,8 @@ def test_graph_prefill_matches_reference_and_writes_cache_in_place(graph, reques
     assert np.array_equal(k0[:, :, 6:], past[:, :, 6:])
 
 
-def moe_graph(cfg, params, layer=0):
-    b = DecoderBuilder(cfg, ParamSource(params), WeightWriter(None))
+def moe_graph(cfg, params, layer=0, builder=DecoderBuilder):
+    b = builder(cfg, ParamSource(params), WeightWriter(None))
     b.weight = lambda name, shape, produce: _inline(b.g, name, produce())  # small: everything inline
     b.linear = lambda x, name, k, n, produce: b.g.op("MatMul", x, _inline(b.g, name, produce()))
     b.g.op("Identity", b.moe(layer, "x"), out="y")
@@ -115,8 +116,9 @@ def _inline(g, name, arr):
     return name
 
 
+@pytest.mark.parametrize("builder", [DecoderBuilder, FusedDecoderBuilder])
 @pytest.mark.parametrize("n_tokens", [1, 3, 64])
-def test_moe_graph_equals_moe_sparse(n_tokens):
+def test_moe_graph_equals_moe_sparse(n_tokens, builder):
     cfg = GrokConfig.from_name("grok-1-tiny", num_layers=1)
     rng = np.random.default_rng(n_tokens)
     p = names.layer_path(0, "")
@@ -126,7 +128,8 @@ def test_moe_graph_equals_moe_sparse(n_tokens):
               p + "moe/linear_v/w": rng.standard_normal((8, d, f), np.float32) / 16,
               p + "moe/linear_1/w": rng.standard_normal((8, f, d), np.float32) / 18}
     x = rng.standard_normal((n_tokens, d), np.float32)
-    sess = ort.InferenceSession(moe_graph(cfg, params).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(moe_graph(cfg, params, builder=builder).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": x})[0]
     t = {k: torch.from_numpy(v) for k, v in params.items()}
     ref = moe_sparse(torch.from_numpy(x), t[p + "router/w"], t[p + "moe/linear/w"], t[p + "moe/linear_v/w"],
@@ -134,9 +137,11 @@ def test_moe_graph_equals_moe_sparse(n_tokens):
     assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
 
 
-def test_moe_is_sparse_in_the_graph(onnx_dir):
-    """Per layer, 8 experts each fed by a Gather of NonZero-selected tokens; no stacked expert tensors."""
-    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+@pytest.mark.parametrize("graph", ["fused", "standard"])
+def test_moe_is_sparse_in_the_graph(graph, request):
+    """Per layer, 8 experts each fed by a Gather of NonZero-selected rows; no stacked expert tensors."""
+    folder = request.getfixturevalue("onnx_dir" if graph == "fused" else "standard_dir")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     expert_mm = [n for n in model.graph.node if n.op_type == "MatMul" and "/moe/expert_" in n.input[1]]
     assert len(expert_mm) == 12 * 16
