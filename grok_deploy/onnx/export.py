@@ -119,7 +119,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
     from grok_deploy.errors import space_errors
     from grok_deploy.manifest import atomic_dir, check_space
     from grok_deploy.onnx.genai import write_genai_files
-    from grok_deploy.onnx.graph import build_model
+    from grok_deploy.onnx.decoder import build_model
     from grok_deploy.progress import Progress
 
     t0 = time.perf_counter()

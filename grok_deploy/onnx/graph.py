@@ -357,22 +357,3 @@ class ParamSource:
 
     def read_expert(self, name: str, e: int) -> np.ndarray:
         return np.asarray(self.params[name][e], np.float32)
-
-
-GRAPHS = ("fused", "standard")
-
-
-def build_model(cfg: GrokConfig, src, data_path: Path | None, quant: str = "none", block: int = 64,
-                layers: int | None = None, graph: str = "fused") -> onnx.ModelProto:
-    """The decoder ModelProto; weights go to `data_path` (None: shapes only, nothing read).
-    `graph`: "fused" (ONNX Runtime's fused operators, fused.py) or "standard" (standard ops only)."""
-    from grok_deploy.onnx.fused import FusedDecoderBuilder
-
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
-    builder = FusedDecoderBuilder if graph == "fused" else DecoderBuilder
-    writer = WeightWriter(data_path)
-    try:
-        return builder(cfg, src, writer, quant, block).build(layers)
-    finally:
-        writer.close()

@@ -14,13 +14,13 @@ from grok_deploy.cli import main
 from grok_deploy.model import names
 from grok_deploy.model.config import GrokConfig
 from grok_deploy.model.grok import moe_sparse
+from grok_deploy.onnx.decoder import build_model
 from grok_deploy.onnx.export import export_onnx
 from grok_deploy.onnx.fused import FusedDecoderBuilder
 from grok_deploy.onnx.graph import (
     DecoderBuilder,
     ParamSource,
     WeightWriter,
-    build_model,
     dequantize_q8,
     io_names,
     quantize_q8,
