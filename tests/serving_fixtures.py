@@ -7,6 +7,7 @@ get the parent-death signal, so no server outlives the test process even when a 
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -98,3 +99,15 @@ def ref(model, ids, n, **kw):
     from grok_deploy.model.generate import generate
 
     return generate(model, [ids], n, **kw).output_ids[0]
+
+
+def gone(pgid: int, timeout: float = 10.0) -> bool:
+    """True once no process of group `pgid` is left (killed ones take a moment to be reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_fixtures import make_repo
+from serving_fixtures import gone, make_repo
 
 from grok_deploy.serving.client import ServerError, stream_request, tensor
 from grok_deploy.serving.deploy import free_port, shm_regions
@@ -22,17 +22,6 @@ from grok_deploy.serving.guard import python_stubs
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 LONG = 150
-
-
-def group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def serve(folder: Path, ckpt: Path) -> tuple[subprocess.Popen, int, str]:
@@ -97,7 +86,7 @@ def test_sigkill_of_serve_mid_stream_leaves_no_server_and_fails_the_streams(tiny
         streams.mark = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        assert group_gone(server_pid, 10)  # tritonserver and every stub
+        assert gone(server_pid, 10)  # tritonserver and every stub
         assert not [p for p in stubs if Path(f"/proc/{p}").exists()]
         streams.join(15)
         assert all(e is not None and e[1] is not None and e[0] < 10 for e in streams.ended), streams.ended
@@ -130,7 +119,7 @@ def test_a_dead_engine_stub_fails_its_streams_and_serve_says_error(tiny_ckpt, tm
         err = proc.stderr.read().strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: the python stub of model instance tensorrt_llm_0_0 "
                                                    f"(pid {stub}) died; the server is stopped"), err
-        assert "Traceback" not in proc.stderr.read() and group_gone(server_pid, 10)
+        assert "Traceback" not in proc.stderr.read() and gone(server_pid, 10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -169,13 +158,13 @@ def test_the_watchdog_kills_the_group_only_when_its_owner_dies(tmp_path, owner_e
         if owner_ends == "killed":
             t0 = time.monotonic()
             os.kill(owner.pid, signal.SIGKILL)
-            assert group_gone(child, KILL_GRACE_S + 5)
+            assert gone(child, KILL_GRACE_S + 5)
             took = time.monotonic() - t0
             assert KILL_GRACE_S - 0.5 < took < KILL_GRACE_S + 5  # SIGTERM ignored: SIGKILL after the grace
             assert not region.exists() and not key.exists()
         else:
             assert owner.stdout.readline().strip() == "stopped"
-            assert group_gone(dog, 5)  # the watchdog left ...
+            assert gone(dog, 5)  # the watchdog left ...
             os.kill(owner.pid, signal.SIGKILL)
             time.sleep(1.0)
             os.killpg(child, 0)  # ... and the group it guarded is untouched
@@ -217,7 +206,7 @@ def test_sigkill_of_the_owner_while_the_models_load_leaves_nothing(tiny_ckpt, tm
         assert stubs
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
-        assert group_gone(server_pid, 10) and not [p for p in stubs if Path(f"/proc/{p}").exists()]
+        assert gone(server_pid, 10) and not [p for p in stubs if Path(f"/proc/{p}").exists()]
     finally:
         if owner.poll() is None:
             owner.kill()

@@ -7,29 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from serving_fixtures import make_repo
+from serving_fixtures import gone, make_repo
 
 from grok_deploy.errors import UserError
 from grok_deploy.serving import deploy
 from grok_deploy.serving.deploy import TritonServer, find_tritonserver, free_port, mpirun_command
 
 pytestmark = pytest.mark.timeout(180)  # servers are started: never hang the suite
-
-def gone(pgid: int, timeout: float = 10.0) -> bool:
-    """True once no process of group `pgid` is left (killed ones take a moment to be reaped)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def tracked(server: TritonServer) -> list[int]:
     """The pids the server starts (stop() forgets its process; the tests check it is gone)."""
