@@ -9,7 +9,7 @@ codes with bf16 scales sized so activations stay sane), then, each in its own pr
 2. converts it at tp 8 W8A16 and runs the streamed check-shards (8 gloo ranks);
 and prints, in one run: peak RSS of each (the scorer's own; the shard check's whole process tree,
 sampled), seconds per layer, bytes read per layer, the extrapolation to 64 layers, and plan's
-64-layer estimate beside it, for this host (its usable cores, the disk rate measured on the
+64-layer estimate beside it, for this host (its usable cores, the speed of one, the disk rate measured on the
 written checkpoint: host.py), with the load average before and after (the estimates are for a
 quiet host). Targets: scoring <= 4 GB, shard check <= 12 GB in all, plan within 30%.
 
@@ -181,8 +181,10 @@ def main() -> int:
         print(f"checkpoint: {size / GB:.2f} GB in {time.perf_counter() - t0:.0f} s ({work / 'src'})", flush=True)
         os.sync()
         got = host_mod.measure_disk(work / "src")
+        flops, flops_how = host_mod.core_rate(os.getloadavg()[0])
         host = host_mod.Host(host_mod.usable_cores(), got["bytes_per_s"] if got else host_mod.REF_DISK_BPS,
-                             disk_how=f"measured on the checkpoint: {got}" if got else "reference")
+                             disk_how=f"measured on the checkpoint: {got}" if got else "reference",
+                             core_flops=flops, core_how=flops_how)
         print(f"host: {host.describe()}; load average {os.getloadavg()}", flush=True)
         print(f"score: {drop_caches()}", flush=True)
         sc, sc_peak, sc_wall = run_child(SCORE, {"ckpt": str(work / "src"), "cfg": CFG, "tokens": tokens,

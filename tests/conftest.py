@@ -10,10 +10,18 @@ TEST_PROMPT = "The answer to life the universe and everything is of course"
 def _hermetic_host(tmp_path_factory):
     """The suite's expectations do not depend on this host's GPU (a GPU host's nvidia-smi would
     change plan's memory figures; tests that need one put a stand-in on PATH and set this back)
-    nor on a disk-rate measurement cached by an earlier run (the cache goes to a session folder)."""
+    nor on a disk-rate measurement cached by an earlier run (the cache goes to a session folder),
+    nor on the speed of this host's cores (the session's cache holds the reference host's)."""
+    import json
+
+    from grok_deploy import host
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GROK_DEPLOY_NVIDIA_SMI", "")
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        rates = host.cache_file("compute-rate.json")
+        rates.parent.mkdir(parents=True)
+        rates.write_text(json.dumps({host.cpu_model(): {"flops": host.REF_CORE_FLOPS}}))
         yield
 
 

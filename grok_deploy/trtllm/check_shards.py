@@ -53,14 +53,16 @@ def _spawn(entry, job: dict, world: int, timeout: float) -> None:
 # --- the estimate `plan` prints ---------------------------------------------------------------------
 
 # Measured by bench/verify_fullsize.py (Grok-1 width, 2 layers, tp 8 W8A16, the 13-token shards
-# prompt) on this project's 2-core host, quiet, page cache emptied first: per layer the audit
-# 21.6 s, the reference passes 8.1 s (source) and 15.2 s (effective weights), the ranks 8.3 s; the
-# embedding, lm_head and process starts 70 s; 6.7 GB for all processes together, each rank 0.85 GB
-# (~0.25 GB plus its lm_head slice, bf16 read and f32 copy, at the final logits). The rates are
-# host.REFERENCE's; host.Host.scale carries each term over to another host.
-AUDIT_BPS = 0.45e9     # bytes of source + rank files compared per second (mostly reading them)
-PASS_BPS = 0.42e9      # a reference pass (source, effective weights): stored layer bytes per second
-RANKS_BPS = 0.6e9      # the rank processes together (their slices add up to one layer)
+# prompt) on this project's 2-core host (host.REFERENCE), quiet, page cache emptied first, disk read
+# at 1.58 GB/s (2026-12-08): per layer the audit 8.3 s, the reference passes 2.4 s (source) and
+# 5.3 s (effective weights), the ranks 2.5 s (their files still cached from the audit: the rate is
+# the reference disk's); the embedding, lm_head and process starts 38 s; 6.8 GB for all processes
+# together, each rank 0.86 GB (~0.25 GB plus its lm_head slice, bf16 read and f32 copy, at the
+# final logits). The rates are host.REFERENCE's with its disk at host.REF_DISK_BPS;
+# host.Host.scale carries each term over to another host.
+AUDIT_BPS = 0.61e9     # bytes of source + rank files compared per second (mostly reading them)
+PASS_BPS = 0.63e9      # a reference pass (source, effective weights): stored layer bytes per second
+RANKS_BPS = 0.7e9      # the rank processes together (their slices add up to one layer)
 START_S = 1.5         # starting a process that imports torch (2 cores)
 RANK_BASE = 0.25e9     # a rank process: interpreter, torch, gloo, one expert slice
 

@@ -91,14 +91,18 @@ def peak_rss_bytes() -> int:
 # --- estimates for `plan` and verify.mode: auto (pure; no torch) --------------------------------
 
 # Measured by bench/verify_fullsize.py (Grok-1 width, 2 layers, official format, float32, 8 prompts
-# x 32 served tokens, 496 tokens a layer) on this project's 2-core host (host.REFERENCE), quiet,
-# the page cache emptied first (at full size 318 GB cannot stay cached): 59.1 s and 4.92 GB read per
-# layer (51.7 s with the files cached), 17 s for the embedding and unembedding. The estimate is
-# time = stored bytes / READ_BPS + flops / FLOPS on that host, carried over to this one by
-# host.Host.scale (the disk part at this disk's rate, the rest over the usable cores): a loaded
-# host is slower (the same bench under a load average of ~9 took 231.5 s a layer).
-READ_BPS = 0.25e9      # stored (int8) bytes per second read from disk and dequantised (block by block)
-FLOPS = 33e9           # sustained f32 matmul flop/s of a streamed layer (2 cores)
+# x 32 served tokens, 496 tokens a layer) on this project's 2-core host (host.REFERENCE: cores of
+# 90 GFLOP/s on host.COMPUTE_PROBE), quiet, the page cache emptied first (at full size 318 GB cannot
+# stay cached): 33.7 s and 30.5 s for the two layers, 4.92 GB read per layer from a disk read at
+# 1.58 GB/s (host.measure_disk on the checkpoint), so 29.0 s of compute a layer; 12 s for the
+# embedding and unembedding (2026-12-08; an earlier run, disk at 2.87 GB/s: 28.6 s a layer). The
+# estimate is time = stored bytes / READ_BPS + flops / FLOPS on that host with its disk at
+# host.REF_DISK_BPS, carried over to this one by host.Host.scale (the disk part at this disk's rate,
+# the rest over the usable cores and their speed); the compute split between dequantising and
+# matmuls is an earlier host's (12.7 s and 39.0 s a layer there). A loaded host is slower (the
+# same bench under a load average of ~11 took 353 s a layer).
+READ_BPS = 0.348e9     # stored (int8) bytes per second read from disk and dequantised (block by block)
+FLOPS = 58.8e9         # sustained f32 matmul flop/s of a streamed layer (2 cores)
 MEM_BPS = 10e9         # weights streamed from RAM per decode step (golden mode)
 # (all three on host.REFERENCE; Host.scale carries them over)
 
