@@ -6,10 +6,10 @@ external data: the 2 GB protobuf limit never applies) and `OUT/manifest.json` (l
 stream from the checkpoint one tensor (one expert slice) at a time.
 
 `--quant int8`: the attention and expert matrices become `com.microsoft.MatMulNBits` (bits 8,
-symmetric blocks of 64 along K, zero point 128, accuracy_level 4 = int8 activations); the router,
+symmetric blocks of 128 along K, zero point 128, accuracy_level 4 = int8 activations); the router,
 norms and the tied embedding / unembedding stay float32 (they are float in the release too).
 Weights keep the release's int8 grid exactly wherever a block lies inside one of its scale
-groups (always for grok-1: its K-blocks of 768 and 4096 are multiples of 64). Tolerances against
+groups (always for grok-1: its K-blocks of 768 and 4096 are multiples of 128). Tolerances against
 the float32 reference are the INT8_* constants below (tests/test_ort_engine.py).
 """
 from __future__ import annotations
@@ -24,7 +24,12 @@ from grok_deploy.manifest import sha256_file
 
 QUANTS = ("none", "int8")
 GRAPHS = ("fused", "standard")  # onnx/fused.py (ONNX Runtime's fused operators) | onnx/graph.py
-BLOCK_SIZE = 64  # MatMulNBits block along K (a power of 2 >= 16); measured as fast as 32 at batch 1
+# MatMulNBits block along K (a power of 2 >= 16). ONNX Runtime 1.32's int8-activation kernels on
+# AVX-512 VNNI, one expert matrix (K 1024, N 10928) x 24 copies, 2 threads, interleaved rounds
+# (bench/onnx_decode.py's host): median per call at M = 1 / 8 / 32 rows, block 64: 448 / 727 /
+# 2360 us, block 128: 322 / 633 / 1975 us (block 32: 347 us, 256: 389 us at M = 1). Exports before
+# this one used 64.
+BLOCK_SIZE = 128
 # int8 tolerances against the float32 reference, teacher-forced greedy over 64 tokens on
 # grok-1-tiny (logits span about +-19). Measured: mean 0.03, max 1.0 in isolated rows, as
 # when a near-tied router choice flips; int8 activations (accuracy_level 4) give most of the
@@ -86,7 +91,7 @@ class _Tracked:
 
 
 def export_onnx(src, out, quant: str = "none", preset: str | None = None, progress: bool = True,
-                graph: str = "fused") -> dict:
+                graph: str = "fused", block: int = BLOCK_SIZE) -> dict:
     """Export checkpoint `src` as an ONNX decoder into folder `out`; returns the manifest.
     `graph`: "fused" (ONNX Runtime's fused operators, onnx/fused.py) or "standard" (standard ops)."""
     from grok_deploy.checkpoint import open_checkpoint
@@ -100,7 +105,7 @@ def export_onnx(src, out, quant: str = "none", preset: str | None = None, progre
     ckpt = open_checkpoint(src, preset=preset)
     check_output(Path(out), ckpt.path, "export-onnx")
     provenance = {"source": str(Path(src).resolve()), "source_format": ckpt.format}
-    return write_onnx(ckpt.config, ckpt, out, quant, provenance, progress, graph, ckpt.tokenizer_path)
+    return write_onnx(ckpt.config, ckpt, out, quant, provenance, progress, graph, ckpt.tokenizer_path, block)
 
 
 def min_bytes(cfg, quant: str) -> int:
@@ -110,9 +115,10 @@ def min_bytes(cfg, quant: str) -> int:
 
 
 def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = None,
-               progress: bool = False, graph: str = "fused", tokenizer=None) -> dict:
+               progress: bool = False, graph: str = "fused", tokenizer=None, block: int = BLOCK_SIZE) -> dict:
     """The export core on any weight source (`read(name)`, `read_expert(name, e)`); with
-    `tokenizer` (a SentencePiece tokenizer.model) the folder also opens in onnxruntime-genai."""
+    `tokenizer` (a SentencePiece tokenizer.model) the folder also opens in onnxruntime-genai;
+    `block`: the int8 block along K (bench/onnx_decode.py rebuilds the previous export with 64)."""
     import onnx
 
     from grok_deploy import __version__
@@ -127,7 +133,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
     check_space(Path(out), need, what)
     with space_errors(out, need, what), atomic_dir(out, "export-onnx") as tmp:
         with Progress(cfg.param_count() * 4, "export-onnx", show=None if progress else False) as bar:
-            model = build_model(cfg, _Tracked(source, bar), tmp / "model.onnx.data", quant, BLOCK_SIZE,
+            model = build_model(cfg, _Tracked(source, bar), tmp / "model.onnx.data", quant, block,
                                 graph=graph)
         opset = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
         onnx.save(model, tmp / "model.onnx")
@@ -140,7 +146,7 @@ def write_onnx(cfg, source, out, quant: str = "none", provenance: dict | None = 
             "stage": "export-onnx", "version": __version__, **(provenance or {}),
             "preset": cfg.name, "config": cfg.to_dict(), "quant": quant,
             "opset": opset["ai.onnx"], "graph": graph, "opsets": opset, "io": io_spec(cfg), "files": files,
-            "int8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": BLOCK_SIZE,
+            "int8": {"op": "com.microsoft.MatMulNBits", "bits": 8, "block_size": block,
                      "zero_point": 128, "accuracy_level": 4,
                      "quantized": "attention q/k/v/o and expert matrices; router, norms, embedding f32",
                      "tolerance": {"mean_abs_logit_diff": INT8_MEAN_TOL, "max_abs_logit_diff": INT8_LOGIT_TOL,

@@ -173,7 +173,7 @@ class DecoderBuilder:
 
     opset = OPSET
 
-    def __init__(self, cfg: GrokConfig, src, writer: WeightWriter, quant: str = "none", block: int = 64):
+    def __init__(self, cfg: GrokConfig, src, writer: WeightWriter, quant: str = "none", block: int = 128):
         if quant not in ("none", "int8"):
             raise ValueError(f"quant must be none or int8, got {quant!r}")
         self.cfg, self.src, self.w, self.quant, self.block = cfg, src, writer, quant, block

@@ -139,7 +139,9 @@ def test_moe_graph_equals_moe_sparse(n_tokens, builder):
 
 @pytest.mark.parametrize("graph", ["fused", "standard"])
 def test_moe_is_sparse_in_the_graph(graph, request):
-    """Per layer, 8 experts each fed by a Gather of NonZero-selected rows; no stacked expert tensors."""
+    """Per layer, 8 experts each fed only its tokens' rows (standard: a Gather of its own NonZero;
+    fused: its part of a Split, by the experts' counts, of the rows gathered in expert order); no
+    stacked expert tensors."""
     folder = request.getfixturevalue("onnx_dir" if graph == "fused" else "standard_dir")
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -147,10 +149,16 @@ def test_moe_is_sparse_in_the_graph(graph, request):
     assert len(expert_mm) == 12 * 16
     for n in expert_mm:
         if n.input[1].endswith("/wv"):  # the first expert matmul reads only its tokens
-            gather = producer[n.input[0]]
-            assert gather.op_type == "Gather"
-            assert producer[producer[gather.input[1]].input[0]].op_type == "NonZero"
-    assert sum(n.op_type == "NonZero" for n in model.graph.node) == 12 * 8
+            rows = producer[n.input[0]]
+            if graph == "fused":
+                assert rows.op_type == "Split" and len(rows.output) == 8
+                counts = producer[rows.input[1]]  # per expert, its (token, slot) pairs
+                assert counts.op_type == "ReduceSum" and producer[rows.input[0]].op_type == "Gather"
+                assert producer[producer[counts.input[0]].input[0]].op_type == "Equal"
+            else:
+                assert rows.op_type == "Gather"
+                assert producer[producer[rows.input[1]].input[0]].op_type == "NonZero"
+    assert sum(n.op_type == "NonZero" for n in model.graph.node) == 12 * (1 if graph == "fused" else 8)
     assert not [t.name for t in model.graph.initializer if len(t.dims) == 3]  # no (E, D, F) tensor
 
 
@@ -171,12 +179,12 @@ def test_grok1_one_layer_graph_from_shapes(quant, tmp_path):
         assert inits[p + "multi_head_attention/linear/w"] == [6144, 6144]
         assert inits[p + "moe/expert_7/wv"] == [6144, 2 * 32768] and inits[p + "moe/expert_7/o"] == [32768, 6144]
     else:
-        assert inits[p + "moe/expert_7/wv.q8"] == [65536, 96, 64] and inits[p + "moe/expert_7/o.q8"] == [6144, 512, 64]
-        assert inits[p + "moe/expert_7/o.scales"] == [6144 * 512]
+        assert inits[p + "moe/expert_7/wv.q8"] == [65536, 48, 128] and inits[p + "moe/expert_7/o.q8"] == [6144, 256, 128]
+        assert inits[p + "moe/expert_7/o.scales"] == [6144 * 256]
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert len(nbits) == 2 + 16
         attrs = {a.name: a.i for a in nbits[0].attribute}
-        assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 64
+        assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 128
     assert [i.name for i in model.graph.input] == io_names(1)[0]
     assert [o.name for o in model.graph.output] == io_names(1)[1]
     logits = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
