@@ -204,8 +204,9 @@ def paired(pairs: list[tuple], tolerance: float) -> int:
     worst = 0.0
     for c, recounted, ours in pairs:
         for name, key in PAIRED:
-            ratios = [(b[key] if key.endswith("_s") else b[key]["p50"]) / (a[key] if key.endswith("_s") else a[key]["p50"])
-                      for a, b in zip(recounted, ours)]
+            def fig(d: dict, key: str = key) -> float:
+                return d[key] if key.endswith("_s") else d[key]["p50"]
+            ratios = [fig(b) / fig(a) for a, b in zip(recounted, ours)]
             mid = statistics.median(ratios)
             if key != "itl_ms":  # the three figures; ITL is shown, not judged
                 worst = max(worst, abs(mid - 1))

@@ -4,15 +4,19 @@ float32 and int8, batch 1 and 8, interleaved in one run, each against the 2-thre
 
 On `grok-1-bench` (made with make-tiny into a temp folder unless --ckpt is given) it exports and
 builds four engines (graph standard | fused x quant none | int8), then per quant loads the two
-engines and measures, round after round, in turn: the read bandwidth, then for each graph and
-batch 1 and 8 one prefill and --tokens decode steps. Per setting it keeps the best of --rounds
-rounds (after a discarded warm-up round): the median decode step, the prefill.
+engines and measures, round after round, in turn: the read bandwidth, then for each graph (in
+ABBA order over the rounds) and batch 1 and 8 the prefill (median of 3) and --tokens decode
+steps. Per setting it keeps the best of --rounds rounds (after a discarded warm-up round): the
+median decode step, the prefill.
 
 The limit: the bytes of weights one decode step touches (`step_weight_bytes`: attention, router,
 norms, the experts the step's tokens pick, the unembedding; int8 matrices 1 byte + a 4-byte scale
-per 128, the new export's block; today's engine, with blocks of 64, reads 3% more at int8) read by 2 threads, as the engine reads them: torch.sum over a buffer of exactly that many
-bytes with 2 intra-op threads (torch.set_num_threads(2)), best of 5. "% of read bw" =
-bytes per step x steps per second / that bandwidth.
+per 128, the new export's block; today's engine, with blocks of 64, reads 3% more at int8) read
+by 2 threads, as the engine reads them: torch.sum over a buffer of exactly that many bytes with 2
+intra-op threads (torch.set_num_threads(2)), best of 5. "% of read bw" = bytes per step x steps
+per second / that bandwidth, from the best decode and the best bandwidth of all rounds, and
+"paired": the median over the rounds of each round's decode over the bandwidth read just before
+it (this host's read bandwidth moved between ~35 and ~65 GB/s from one minute to the next).
 
 --genai adds onnxruntime-genai's Generator on the fused engines (its folder has genai_config.json),
 after the interleaved rounds of each quant (one model in memory at a time), for the backend choice.
@@ -46,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 GRAPHS = ("standard", "fused")
+PREFILLS = 3  # prefill repetitions per setting and round (one 32-token prefill varied by +-30%)
 QUANTS = ("none", "int8")
 
 
@@ -97,12 +102,19 @@ def prompts_for(cfg, batch: int, length: int) -> list[list[int]]:
 
 def measure_engine(eng, cfg, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of `batch` fresh sequences on an OrtEngine: the prefill of
-    every prompt, then the median of `steps` decode steps after one warm-up step."""
+    every prompt (the median of PREFILLS repetitions), then the median of `steps` decode steps after
+    one warm-up step."""
     ids = list(range(batch))
     prompts = prompts_for(cfg, batch, prompt_len)
-    t0 = time.perf_counter()
-    last = [int(eng.add(i, p).argmax()) for i, p in zip(ids, prompts)]
-    prefill = batch * prompt_len / (time.perf_counter() - t0)
+    times = []
+    for rep in range(PREFILLS):
+        if rep:
+            for i in ids:
+                eng.remove(i)
+        t0 = time.perf_counter()
+        last = [int(eng.add(i, p).argmax()) for i, p in zip(ids, prompts)]
+        times.append(time.perf_counter() - t0)
+    prefill = batch * prompt_len / float(np.median(times))
 
     def step():
         last[:] = eng.step(ids, last).argmax(-1).tolist()
@@ -144,7 +156,8 @@ def build_all(ckpt_dir, tmp: Path, max_seq_len: int) -> dict:
         for graph in GRAPHS:
             src, dst = tmp / f"onnx-{graph}-{quant}", tmp / f"engine-{graph}-{quant}"
             # today's engine is the export before this work: the standard graph, int8 blocks of 64
-            export_onnx(ckpt_dir, src, quant, progress=False, graph=graph, block=64 if graph == "standard" else BLOCK_SIZE)
+            block = 64 if graph == "standard" else BLOCK_SIZE
+            export_onnx(ckpt_dir, src, quant, progress=False, graph=graph, block=block)
             build_engine(src, dst, max_batch_size=8, max_seq_len=max_seq_len)
             shutil.rmtree(src)
             folders[graph, quant] = dst
@@ -169,16 +182,20 @@ def run(args) -> dict:
         for quant in QUANTS:
             engines = {g: OrtEngine(folders[g, quant]) for g in GRAPHS}
             best: dict = {}
+            paired: dict = {}
             bw = {b: 0.0 for b in (1, 8)}
             for r in range(args.rounds + 1):
                 for b in (1, 8):
                     x = read_bandwidth(step_weight_bytes(cfg, quant, b))
                     bw[b] = max(bw[b], x) if r else bw[b]
-                    for g, eng in engines.items():
+                    order = list(engines.items())  # ABBA: the graph measured first alternates by round
+                    for g, eng in (order if r % 2 else order[::-1]):
                         pre, dec = measure_engine(eng, cfg, b, args.prompt_len, args.tokens)
                         if r:
                             old = best.get((g, b), (0.0, 0.0))
                             best[g, b] = (max(old[0], pre), max(old[1], dec))
+                            # against the bandwidth read just before, in the same round
+                            paired.setdefault((g, b), []).append(step_weight_bytes(cfg, quant, b) * dec / b / x)
             del engines
             gc.collect()
             if args.genai:
@@ -189,7 +206,8 @@ def run(args) -> dict:
                 nbytes = step_weight_bytes(cfg, quant, b)
                 res["rows"][f"{g}/{quant}/b{b}"] = {
                     "prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "bytes_per_step": nbytes,
-                    "bytes_per_token": nbytes / b, "pct_read_bw": 100 * nbytes * dec / b / bw[b]}
+                    "bytes_per_token": nbytes / b, "pct_read_bw": 100 * nbytes * dec / b / bw[b],
+                    "pct_read_bw_paired": (100 * float(np.median(paired[g, b])) if (g, b) in paired else None)}
     res["loadavg_end"] = os.getloadavg()
     rows = res["rows"]
 
@@ -217,10 +235,13 @@ def report(res: dict, args) -> None:
           f"start, {le[0]:.1f}/{le[1]:.1f}/{le[2]:.1f} at end; setup {res['setup_s']} s")
     for q, bw in res["bandwidth"].items():
         print(f"2-thread read bandwidth ({q} step bytes): batch 1 {bw[1] / 1e9:.1f} GB/s, batch 8 {bw[8] / 1e9:.1f} GB/s")
-    print(f"{'':22}{'decode tok/s':>13}{'prefill tok/s':>15}{'MB/token':>10}{'% read bw':>11}")
+    print(f"{'':22}{'decode tok/s':>13}{'prefill tok/s':>15}{'MB/token':>10}{'% read bw':>11}{'paired':>8}")
     for name, r in res["rows"].items():
+        pair = "" if r.get("pct_read_bw_paired") is None else f"{r['pct_read_bw_paired']:7.0f}%"
         print(f"{name:22}{r['decode_tokens_per_s']:13.2f}{r['prefill_tokens_per_s']:15.1f}"
-              f"{r['bytes_per_token'] / 1e6:10.1f}{r['pct_read_bw']:10.0f}%")
+              f"{r['bytes_per_token'] / 1e6:10.1f}{r['pct_read_bw']:10.0f}%{pair}")
+    print("% read bw: the best decode over the best bandwidth; paired: the median over the rounds of each "
+          "round's decode over the bandwidth read just before it")
     for k, v in res["ratios"].items():
         print(f"fused / standard {k}: decode {v['decode']:.2f}x, prefill {v['prefill']:.2f}x")
     for t, ok in res["targets"].items():

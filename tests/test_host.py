@@ -34,7 +34,8 @@ def test_one_core_estimates_are_longer_than_two(tmp_path, capsys, monkeypatch):
     one, two = docs[1], docs[2]
     assert (one["host"]["cores"], two["host"]["cores"]) == (1, 2)
     assert one["host_assumed"].startswith("1 usable core (os.sched_getaffinity) of 90 GFLOP/s each (measured, cached "
-                                          f"in {host.cache_file('compute-rate.json')}), disk reads at 0.70 GB/s (assumed: "
+                                          f"in {host.cache_file('compute-rate.json')}), disk reads at 0.70 GB/s "
+                                          "(assumed: "
                                           "the reference host's; no checkpoint to measure yet "
                                           "(set hardware.disk_read_gbps)), "
                                           "a quiet host")
