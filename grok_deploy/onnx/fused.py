@@ -29,7 +29,7 @@ what changes is how a layer is computed:
   slot) pairs sorted by expert with one NonZero, one Gather of their rows, one Split by the
   experts' counts, then per expert only its two projections; the GELU gate, the value product and
   the gating run once on all rows, and one ScatterND with reduction "add" sums each token's k
-  outputs. A layer's MoE is 42 nodes instead of 93 (ONNX Runtime spends 4-6 us on any node, so at
+  outputs. A layer's MoE is 41 nodes instead of 92 (ONNX Runtime spends 4-6 us on any node, so at
   batch-1 decode the node count, not the arithmetic, was a fifth of the step). Each expert sees
   the same rows in the same order as in the standard graph, so its products are the same; the
   sum of a token's two terms does not depend on their order.
