@@ -111,16 +111,14 @@ class FusedDecoderBuilder(DecoderBuilder):
         g, c = self.g, self.cfg
         d, f, k, n_exp = c.emb_size, c.ffn_size, c.num_selected_experts, c.num_experts
         p = names.layer_path(i, "")
-        router = self.weight(p + "router/w", (d, n_exp), lambda: self.src.read(p + "router/w"))
-        probs = g.op("Softmax", g.op("MatMul", x, router), axis=-1)  # f32 over all experts
-        gates, idx = g.op("TopK", probs, g.const([k]), n_out=2, axis=-1)  # (N, k), raw gates
+        gates, idx = self.route(i, x)  # (N, k)
         # (E, N k) one-hot of the pairs; NonZero lists them expert by expert, pairs in order
         hits = g.op("Equal", g.const(np.arange(n_exp).reshape(-1, 1)), g.op("Reshape", idx, g.const([1, -1])))
         pair = g.op("Gather", g.op("NonZero", hits), g.const(1), axis=0)  # (N k,) sorted by expert
         counts = g.op("ReduceSum", g.op("Cast", hits, to=TensorProto.INT64), g.const([1]), keepdims=0)  # (E,)
         token = g.op("Div", pair, g.const(k))
         rows = g.op("Split", g.op("Gather", x, token, axis=0), counts, n_out=n_exp, axis=0)
-        wv = [self.linear(rows[e], f"{p}moe/expert_{e}/wv", d, 2 * f, self._wv(p, e)) for e in range(n_exp)]
+        wv = [self.linear(rows[e], f"{p}moe/expert_{e}/wv", d, 2 * f, self.expert_wv(i, e)) for e in range(n_exp)]
         a, b = g.op("Split", g.op("Concat", *wv, axis=0), g.const([f, f]), n_out=2, axis=-1)
         acts = g.op("Split", g.op("Mul", b, g.op("Gelu", a, approximate="tanh")), counts, n_out=n_exp, axis=0)
         ys = [self.linear(acts[e], f"{p}moe/expert_{e}/o", f, d,
@@ -129,12 +127,6 @@ class FusedDecoderBuilder(DecoderBuilder):
         zeros = g.op("ConstantOfShape", g.op("Shape", x), value=helper.make_tensor("", TensorProto.FLOAT, [1], [0.0]))
         return g.op("ScatterND", zeros, g.op("Unsqueeze", token, g.const([-1])),
                     g.op("Mul", g.op("Concat", *ys, axis=0), gate), reduction="add")
-
-    def _wv(self, p: str, e: int):
-        def wv():  # gate branch W (gets the GELU) and value branch V side by side: (D, 2F)
-            return np.concatenate([self.src.read_expert(p + "moe/linear/w", e),
-                                   self.src.read_expert(p + "moe/linear_v/w", e)], axis=1)
-        return wv
 
     def layers(self, h: str, n_layers: int) -> str:
         c = self.cfg

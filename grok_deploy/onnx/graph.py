@@ -244,10 +244,7 @@ class DecoderBuilder:
         """x (N, D) -> (N, D); each token runs its k chosen experts only."""
         g, c = self.g, self.cfg
         d, k = c.emb_size, c.num_selected_experts
-        p = names.layer_path(i, "")
-        router = self.weight(p + "router/w", (d, c.num_experts), lambda: self.src.read(p + "router/w"))
-        probs = g.op("Softmax", g.op("MatMul", x, router), axis=-1)  # f32 over all 8 experts
-        gates, idx = g.op("TopK", probs, g.const([k]), n_out=2, axis=-1)  # (N, k), raw gates
+        gates, idx = self.route(i, x)
         pairs, ys = [], []
         for e in range(c.num_experts):
             hit = g.op("NonZero", g.op("Equal", idx, g.const(e)))  # (2, M): token, slot
@@ -262,16 +259,28 @@ class DecoderBuilder:
         mixed = g.op("Mul", placed, g.op("Unsqueeze", gates, g.const([-1])))  # (N, k, D)
         return g.op("ReduceSum", mixed, g.const([1]), keepdims=0)
 
+    def route(self, i: int, x: str) -> tuple[str, str]:
+        """Layer i's router on x (N, D): f32 softmax over all experts, then top-k -> (gates, experts),
+        each (N, k); the gates are the raw probabilities (not renormalised)."""
+        g, c = self.g, self.cfg
+        p = names.layer_path(i, "")
+        router = self.weight(p + "router/w", (c.emb_size, c.num_experts), lambda: self.src.read(p + "router/w"))
+        probs = g.op("Softmax", g.op("MatMul", x, router), axis=-1)
+        gates, idx = g.op("TopK", probs, g.const([c.num_selected_experts]), n_out=2, axis=-1)
+        return gates, idx
+
+    def expert_wv(self, i: int, e: int) -> Callable[[], np.ndarray]:
+        """Expert e of layer i: its gate branch W (gets the GELU) and value branch V side by side (D, 2F)."""
+        p = names.layer_path(i, "")
+        return lambda: np.concatenate([self.src.read_expert(p + "moe/linear/w", e),
+                                       self.src.read_expert(p + "moe/linear_v/w", e)], axis=1)
+
     def expert(self, i: int, e: int, xe: str) -> str:
         """Expert e of layer i on its rows xe (..., D): ((x V) * gelu_tanh(x W)) O -> (..., D)."""
         g, c = self.g, self.cfg
         d, f = c.emb_size, c.ffn_size
         p = names.layer_path(i, "")
-
-        def wv():  # gate branch W (gets the GELU) and value branch V side by side: (D, 2F)
-            return np.concatenate([self.src.read_expert(p + "moe/linear/w", e),
-                                   self.src.read_expert(p + "moe/linear_v/w", e)], axis=1)
-
+        wv = self.expert_wv(i, e)
         a, b = g.op("Split", self.linear(xe, f"{p}moe/expert_{e}/wv", d, 2 * f, wv), g.const([f, f]), n_out=2, axis=-1)
         return self.linear(g.op("Mul", b, g.op("Gelu", a, approximate="tanh")), f"{p}moe/expert_{e}/o",
                            f, d, lambda: self.src.read_expert(p + "moe/linear_1/w", e))

@@ -55,54 +55,6 @@ def test_fused_graph_uses_the_contrib_ops(fused_engine):
     assert helper.get_attribute_value(scatter.attribute[0]) == b"add"
 
 
-def _moe_only(builder_cls, quant: str, params: dict, folder: Path) -> str:
-    """A model of layer 0's MoE alone (x (N, D) -> y) from `builder_cls`; returns its path."""
-    from grok_deploy.model.config import GrokConfig
-    from grok_deploy.onnx.graph import ParamSource, WeightWriter
-
-    cfg = GrokConfig.from_name("grok-1-tiny")
-    writer = WeightWriter(folder / "w.data")
-    b = builder_cls(cfg, ParamSource(params), writer, quant)
-    y = b.moe(0, "x")
-    writer.close()
-    b.g.op("Identity", y, out="y")
-    d = cfg.emb_size
-    graph = helper.make_graph(b.g.nodes, "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])], b.g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    onnx.save(model, str(folder / "moe.onnx"))
-    return str(folder / "moe.onnx")
-
-
-@pytest.mark.parametrize("quant", ["none", "int8"])
-def test_the_batched_moe_equals_the_per_expert_subgraph_bit_for_bit(tmp_path, quant):
-    """Each expert gets the same rows in the same order as in the standard graph: the same outputs,
-    for one token (decode), a prefill's worth, and rows that leave experts without tokens."""
-    from grok_deploy.model import names
-    from grok_deploy.model.config import GrokConfig
-    from grok_deploy.onnx.fused import FusedDecoderBuilder
-    from grok_deploy.onnx.graph import DecoderBuilder
-
-    rng = np.random.default_rng(7)
-    cfg = GrokConfig.from_name("grok-1-tiny")
-    d, f, e = cfg.emb_size, cfg.ffn_size, cfg.num_experts
-    p = names.layer_path(0, "")
-    params = {p + "router/w": rng.standard_normal((d, e)), p + "moe/linear/w": rng.standard_normal((e, d, f)) / 16,
-              p + "moe/linear_v/w": rng.standard_normal((e, d, f)) / 16,
-              p + "moe/linear_1/w": rng.standard_normal((e, f, d)) / 18}
-    runs = {}
-    for name, cls in (("standard", DecoderBuilder), ("fused", FusedDecoderBuilder)):
-        (tmp_path / name).mkdir()
-        runs[name] = ort.InferenceSession(_moe_only(cls, quant, params, tmp_path / name),
-                                          providers=["CPUExecutionProvider"])
-    for n in (1, 2, 3, 37):
-        x = rng.standard_normal((n, d)).astype(np.float32)
-        got = {k: s.run(["y"], {"x": x})[0] for k, s in runs.items()}
-        assert got["fused"].shape == (n, d) and np.abs(got["fused"]).max() > 0
-        assert np.array_equal(got["fused"], got["standard"]), (n, np.abs(got["fused"] - got["standard"]).max())
-
-
 def test_rope_caches_match_the_reference_tables():
     import torch
 

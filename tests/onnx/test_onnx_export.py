@@ -101,14 +101,20 @@ def test_graph_prefill_matches_reference_and_writes_cache_in_place(graph, reques
     assert np.array_equal(k0[:, :, 6:], past[:, :, 6:])
 
 
-def moe_graph(cfg, params, layer=0, builder=DecoderBuilder):
-    b = builder(cfg, ParamSource(params), WeightWriter(None))
-    b.weight = lambda name, shape, produce: _inline(b.g, name, produce())  # small: everything inline
-    b.linear = lambda x, name, k, n, produce: b.g.op("MatMul", x, _inline(b.g, name, produce()))
+def moe_graph(cfg, params, layer=0, builder=DecoderBuilder, quant=None, data=None):
+    """Layer `layer`'s MoE alone (x (n, D) -> y). Without `quant` every weight is inlined and every
+    projection a float MatMul; with it the builder's own weights and projections (MatMulNBits at
+    int8), written to the external-data file `data` (save the model beside it)."""
+    b = builder(cfg, ParamSource(params), WeightWriter(data), quant or "none")
+    if quant is None:
+        b.weight = lambda name, shape, produce: _inline(b.g, name, produce())  # small: everything inline
+        b.linear = lambda x, name, k, n, produce: b.g.op("MatMul", x, _inline(b.g, name, produce()))
     b.g.op("Identity", b.moe(layer, "x"), out="y")
+    b.w.close()
     graph = onnx.helper.make_graph(b.g.nodes, "moe", [onnx.helper.make_tensor_value_info("x", 1, ["n", cfg.emb_size])],
                                    [onnx.helper.make_tensor_value_info("y", 1, ["n", cfg.emb_size])], b.g.inits)
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                        onnx.helper.make_opsetid("com.microsoft", 1)])
 
 
 def _inline(g, name, arr):
@@ -135,6 +141,31 @@ def test_moe_graph_equals_moe_sparse(n_tokens, builder):
     ref = moe_sparse(torch.from_numpy(x), t[p + "router/w"], t[p + "moe/linear/w"], t[p + "moe/linear_v/w"],
                      t[p + "moe/linear_1/w"], 2).numpy()
     assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_the_batched_moe_equals_the_per_expert_subgraph_bit_for_bit(tmp_path, quant):
+    """The fused graph's batched MoE gives each expert the same rows in the same order as the
+    standard graph's per-expert subgraph: the same outputs, for one token (decode), a prefill's
+    worth, and rows that leave experts without tokens."""
+    rng = np.random.default_rng(7)
+    cfg = GrokConfig.from_name("grok-1-tiny")
+    d, f, e = cfg.emb_size, cfg.ffn_size, cfg.num_experts
+    p = names.layer_path(0, "")
+    params = {p + "router/w": rng.standard_normal((d, e)), p + "moe/linear/w": rng.standard_normal((e, d, f)) / 16,
+              p + "moe/linear_v/w": rng.standard_normal((e, d, f)) / 16,
+              p + "moe/linear_1/w": rng.standard_normal((e, f, d)) / 18}
+    runs = {}
+    for name, builder in (("standard", DecoderBuilder), ("fused", FusedDecoderBuilder)):
+        (tmp_path / name).mkdir()
+        model = moe_graph(cfg, params, builder=builder, quant=quant, data=tmp_path / name / "w.data")
+        onnx.save(model, str(tmp_path / name / "moe.onnx"))
+        runs[name] = ort.InferenceSession(str(tmp_path / name / "moe.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 2, 3, 37):
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        got = {k: s.run(["y"], {"x": x})[0] for k, s in runs.items()}
+        assert got["fused"].shape == (n, d) and np.abs(got["fused"]).max() > 0
+        assert np.array_equal(got["fused"], got["standard"]), (n, np.abs(got["fused"] - got["standard"]).max())
 
 
 @pytest.mark.parametrize("graph", ["fused", "standard"])
