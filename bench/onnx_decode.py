@@ -186,7 +186,8 @@ def run(args) -> dict:
             bw = {b: 0.0 for b in (1, 8)}
             for r in range(args.rounds + 1):
                 for b in (1, 8):
-                    x = read_bandwidth(step_weight_bytes(cfg, quant, b))
+                    nbytes = step_weight_bytes(cfg, quant, b)
+                    x = read_bandwidth(nbytes)
                     bw[b] = max(bw[b], x) if r else bw[b]
                     order = list(engines.items())  # ABBA: the graph measured first alternates by round
                     for g, eng in (order if r % 2 else order[::-1]):
@@ -195,7 +196,7 @@ def run(args) -> dict:
                             old = best.get((g, b), (0.0, 0.0))
                             best[g, b] = (max(old[0], pre), max(old[1], dec))
                             # against the bandwidth read just before, in the same round
-                            paired.setdefault((g, b), []).append(step_weight_bytes(cfg, quant, b) * dec / b / x)
+                            paired.setdefault((g, b), []).append(nbytes * dec / b / x)
             del engines
             gc.collect()
             if args.genai:

@@ -7,11 +7,12 @@ from pathlib import Path
 import onnx
 
 from grok_deploy.model.config import GrokConfig
+from grok_deploy.onnx import BLOCK_SIZE
 from grok_deploy.onnx.fused import FusedDecoderBuilder
 from grok_deploy.onnx.graph import DecoderBuilder, WeightWriter
 
 
-def build_model(cfg: GrokConfig, src, data_path: Path | None, quant: str = "none", block: int = 128,
+def build_model(cfg: GrokConfig, src, data_path: Path | None, quant: str = "none", block: int = BLOCK_SIZE,
                 layers: int | None = None, graph: str = "fused") -> onnx.ModelProto:
     """The decoder ModelProto; weights go to `data_path` (None: shapes only, nothing read).
     `graph`: "fused" (ONNX Runtime's fused operators, fused.py) or "standard" (standard ops only)."""

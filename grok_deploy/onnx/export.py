@@ -21,15 +21,10 @@ import time
 from pathlib import Path
 
 from grok_deploy.manifest import sha256_file
+from grok_deploy.onnx import BLOCK_SIZE
 
 QUANTS = ("none", "int8")
 GRAPHS = ("fused", "standard")  # onnx/fused.py (ONNX Runtime's fused operators) | onnx/graph.py
-# MatMulNBits block along K (a power of 2 >= 16). ONNX Runtime 1.32's int8-activation kernels on
-# AVX-512 VNNI, one expert matrix (K 1024, N 10928) x 24 copies, 2 threads, interleaved rounds
-# (bench/onnx_decode.py's host): median per call at M = 1 / 8 / 32 rows, block 64: 448 / 727 /
-# 2360 us, block 128: 322 / 633 / 1975 us (block 32: 347 us, 256: 389 us at M = 1). Exports before
-# this one used 64.
-BLOCK_SIZE = 128
 # int8 tolerances against the float32 reference, teacher-forced greedy over 64 tokens on
 # grok-1-tiny (logits span about +-19). Measured: mean 0.03, max 1.0 in isolated rows, as
 # when a near-tied router choice flips; int8 activations (accuracy_level 4) give most of the

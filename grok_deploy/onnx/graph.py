@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 
 from grok_deploy.model import names
 from grok_deploy.model.config import GrokConfig
+from grok_deploy.onnx import BLOCK_SIZE
 
 OPSET = 21
 ALIGN = 4096  # external-data offsets page-aligned, so ONNX Runtime can map them
@@ -173,7 +174,7 @@ class DecoderBuilder:
 
     opset = OPSET
 
-    def __init__(self, cfg: GrokConfig, src, writer: WeightWriter, quant: str = "none", block: int = 128):
+    def __init__(self, cfg: GrokConfig, src, writer: WeightWriter, quant: str = "none", block: int = BLOCK_SIZE):
         if quant not in ("none", "int8"):
             raise ValueError(f"quant must be none or int8, got {quant!r}")
         self.cfg, self.src, self.w, self.quant, self.block = cfg, src, writer, quant, block
