@@ -64,10 +64,11 @@ def genai_perf_own(doc: dict) -> dict:
             "requests_per_s": doc["request_throughput"]["avg"], "osl": doc["output_sequence_length"]["avg"]}
 
 
-def compare(rows: list[tuple], tool: str, tolerance: float) -> int:
+def compare(rows: list[tuple], tool: str, tolerance: float, judge: bool = True) -> int:
     """Print `tool`'s own figures, its raw export recomputed, and grok-deploy bench's, per
     (concurrency, own, recomputed, bench or None) row, with bench / recomputed as a ratio; then the
-    largest difference of the p50s and throughputs. Returns 0 when within `tolerance` (or no bench)."""
+    largest difference of the p50s and throughputs. Returns 0 when within `tolerance` (or no bench).
+    `judge` False: the table only (the caller gives its own verdict)."""
     worst, any_bench = 0.0, False
     print(f"| conc | figure | {tool} (its own) | {tool} raw, recomputed | grok-deploy bench | bench / recomputed |")
     print("|---|---|---|---|---|---|")
@@ -83,7 +84,7 @@ def compare(rows: list[tuple], tool: str, tolerance: float) -> int:
             if y is not None and "p99" not in name:
                 worst, any_bench = max(worst, abs(y - x) / x), True
             print(f"| {c} | {name} | {g:.2f} | {x:.2f} | {'-' if y is None else f'{y:.2f}'} | {ratio} |")
-    if not any_bench:
+    if not any_bench or not judge:
         return 0
     ok = worst <= tolerance
     print(f"\nlargest difference (p50s and throughputs) between recomputed {tool} and grok-deploy bench: "
